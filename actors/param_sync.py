@@ -1,0 +1,62 @@
+"""Param-sync actor: turns the trainer's new weights into announced policy versions.
+
+For every finished step it publishes `af.<run>.weights` (version v is at Flight key K), records
+the version in the run's KV bucket, and drops weight versions no rollout can need any more:
+rollout instances only ever load the newest announced version, and one still loading the
+previous one must find it, so the two newest are kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from nats.aio.msg import Msg
+
+from actors.runtime import POLICY_VERSION_KEY, ActorRuntime
+from asyncflow.errors import WireError
+from asyncflow.graph import TRAINER
+from asyncflow.wire import StepEvent, WeightsEvent, decode
+from flight_store.weights import drop_weights
+
+KEEP_VERSIONS = 2
+
+
+class ParamSync:
+    def __init__(self, runtime: ActorRuntime) -> None:
+        self.rt = runtime
+        self.latest = 0
+        self.dropped_below = 1  # version 0 lives on disk, not in the store
+
+    async def run(self) -> None:
+        await self.rt.subscribe_events(self.rt.names.done(TRAINER.name), self.on_step)
+        self.rt.state = "ready"
+        await self.rt.wait_stopped()
+
+    async def on_step(self, msg: Msg) -> None:
+        try:
+            event = decode(StepEvent, msg.data, msg.subject)
+        except WireError as error:
+            self.rt.log.error("bad step event ignored", error=str(error))
+            return
+        try:
+            await self.announce(event)
+        except Exception as error:
+            self.rt.fail(error, f"announcing version {event.policy_version}")
+
+    async def announce(self, event: StepEvent) -> None:
+        version = event.policy_version
+        if version <= self.latest:
+            return  # replayed after a restart: already announced (and de-duplicated by msg id)
+        announcement = WeightsEvent(version=version, weights=event.weights, nbytes=event.weights_nbytes)
+        await self.rt.publish(self.rt.names.weights, announcement, msg_id=f"weights-{version}")
+        await self.rt.kv.put(POLICY_VERSION_KEY, str(version).encode())
+        self.latest = version
+        self.rt.policy_version = version
+        self.rt.log.info("policy version announced", version=version, nbytes=event.weights_nbytes)
+        while self.dropped_below <= version - KEEP_VERSIONS:
+            await asyncio.to_thread(drop_weights, self.rt.store, self.rt.config.run.name, self.dropped_below)
+            self.dropped_below += 1
+
+
+async def run(runtime: ActorRuntime) -> None:
+    await ParamSync(runtime).run()

@@ -1,0 +1,214 @@
+"""Trainer actor: streams GRPO groups into gradient accumulation and steps once per partition.
+
+Step s trains partition s. Groups of partition s are trained the moment they arrive (gradients
+accumulate); items of later partitions wait, un-acked, until their step. When all groups of the
+partition are in, the optimizer steps (gradients scaled by 1 / trained samples), the new weights
+go to the store, and a StepEvent announces version s + 1. Items are acked only after that, and
+sample ids already trained are skipped, so a redelivered item is never trained twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from nats.aio.msg import Msg
+
+from actors.runtime import ActorRuntime, read_columns
+from asyncflow.algorithms.grpo import group_advantages, grpo_loss
+from asyncflow.engines import TrainBatch, make_training_engine
+from asyncflow.errors import WireError
+from asyncflow.graph import TRAINER
+from asyncflow.partitions import group_of
+from asyncflow.staleness import check_sample
+from asyncflow.wire import StepEvent, WorkItem, decode
+from flight_store.weights import put_weights
+
+
+@dataclass
+class StepAccumulator:
+    """What the current optimizer step has gathered so far."""
+
+    groups: set[int] = field(default_factory=set)
+    messages: list[Msg] = field(default_factory=list)
+    sample_ids: list[int] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+    def add_stats(self, stats: dict[str, float]) -> None:
+        for key, value in stats.items():
+            self.stats[key] = self.stats.get(key, 0.0) + value
+
+
+class Trainer:
+    def __init__(self, runtime: ActorRuntime) -> None:
+        self.rt = runtime
+        config = runtime.config
+        self.config = config
+        self.algo = config.algorithm
+        make = functools.partial(
+            make_training_engine, config.trainer.engine, config.model.path,
+            temperature=config.sampling.temperature, dtype=config.model.dtype, seed=config.run.seed,
+        )
+        self.engine = make()
+        self.reference = make() if self.algo.kl_coef > 0 else None
+        self.loss_fn = functools.partial(
+            grpo_loss, clip_low=self.algo.clip_low, clip_high=self.algo.clip_high, kl_coef=self.algo.kl_coef
+        )
+        self.step = 0
+        self.rt.policy_version = 0
+        self.consumed: set[int] = set()
+        self.waiting: dict[int, list[tuple[Msg, WorkItem]]] = {}
+        self.current = StepAccumulator()
+        self.out_dir = config.run_dir / "trainer"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.record = (self.out_dir / "trained_samples.jsonl").open("a", buffering=1)
+        self.failed_record = (self.out_dir / "failed_samples.jsonl").open("a", buffering=1)
+
+    async def run(self) -> None:
+        subscription = await self.rt.pull(TRAINER.name)
+        keepalive = asyncio.create_task(self._keep_waiting_alive())
+        self.rt.state = "ready"
+        try:
+            while not self.rt.stop.is_set() and self.step < self.config.run.steps:
+                for msg in await self.rt.fetch(subscription, batch=self.algo.prompts_per_step):
+                    await self.accept(msg)
+                await self.train_ready_items()
+        finally:
+            keepalive.cancel()
+        await self.rt.wait_stopped()
+
+    async def accept(self, msg: Msg) -> None:
+        try:
+            item = decode(WorkItem, msg.data, msg.subject)
+        except WireError as error:
+            await self.rt.dead_letter(TRAINER.name, msg, str(error))
+            return
+        if item.partition < self.step:  # redelivery of a step already taken: nothing to train
+            await msg.ack()
+            return
+        self.waiting.setdefault(item.partition, []).append((msg, item))
+
+    async def train_ready_items(self) -> None:
+        while self.waiting.get(self.step):
+            msg, item = self.waiting[self.step].pop(0)
+            self.rt.state = "busy"
+            started = time.time()
+            trained = await asyncio.to_thread(self.train_item, item)
+            self.current.messages.append(msg)
+            await self.rt.publish_metrics(item.item_id, TRAINER.name, started, trained)
+            self.rt.state = "ready"
+            if len(self.current.groups) == self.algo.prompts_per_step:
+                await self.finish_step()
+
+    def train_item(self, item: WorkItem) -> int:
+        """Accumulate the gradient of one item's groups (blocking). Returns samples trained."""
+        acc = self.current
+        acc.groups.update(item.groups)
+        acc.failed.update(item.failed)
+        live = [sid for sid in item.sample_ids if sid not in self.consumed]
+        if not live:
+            return 0
+        columns = read_columns(self.rt.store, item.inputs, TRAINER.inputs)
+        missing = [sid for sid in live if sid not in columns["reward"] or sid not in columns["response_ids"]]
+        for sid in missing:
+            acc.failed[sid] = "no reward or response reached the trainer"
+        live = [sid for sid in live if sid not in missing]
+        for sid in live:
+            check_sample(sid, self.step, columns["policy_version"][sid], self.algo.max_staleness)
+        advantages = self._advantages(live, columns["reward"])
+        batch = TrainBatch(
+            prompt_ids=[columns["prompt_ids"][sid] for sid in live],
+            response_ids=[columns["response_ids"][sid] for sid in live],
+            behaviour_logprobs=[columns["behaviour_logprobs"][sid] for sid in live],
+            advantages=[advantages[sid] for sid in live],
+        )
+        if self.reference is not None:
+            batch.ref_logprobs = self.reference.compute_logprobs(batch.prompt_ids, batch.response_ids)
+        acc.add_stats(self.engine.forward_backward(batch, self.loss_fn))
+        for sid in live:
+            self.consumed.add(sid)
+            acc.sample_ids.append(sid)
+            acc.versions.append(columns["policy_version"][sid])
+            acc.rewards.append(columns["reward"][sid])
+        return len(live)
+
+    def _advantages(self, live: list[int], rewards: dict[int, float]) -> dict[int, float]:
+        """GRPO: normalise rewards within each group, over the group's samples that have a reward."""
+        by_group: dict[int, list[int]] = {}
+        for sid in live:
+            by_group.setdefault(group_of(sid, self.algo.prompts_per_step, self.algo.samples_per_prompt), []).append(sid)
+        out = {}
+        for ids in by_group.values():
+            values = group_advantages(np.array([rewards[s] for s in ids], dtype=np.float64),
+                                      scale=self.algo.scale_rewards, eps=self.algo.adv_eps)
+            out.update(zip(ids, values.tolist(), strict=True))
+        return out
+
+    async def finish_step(self) -> None:
+        acc = self.current
+        step = self.step
+        final = step == self.config.run.steps - 1
+        n = len(acc.sample_ids)
+        grad = await asyncio.to_thread(self.engine.optimizer_step, 1.0 / n) if n else {"grad_norm": 0.0}
+        version = step + 1
+        ref, nbytes = await asyncio.to_thread(self._publish_weights, version)
+        for sid, v, r in zip(acc.sample_ids, acc.versions, acc.rewards, strict=True):
+            self.record.write(json.dumps({"step": step, "sample_id": sid, "policy_version": v, "reward": r}) + "\n")
+        for sid, reason in sorted(acc.failed.items()):
+            self.failed_record.write(json.dumps({"step": step, "sample_id": sid, "reason": reason}) + "\n")
+        if final and self.config.trainer.save_final:
+            await asyncio.to_thread(self.engine.save_pretrained, self.config.run_dir / "final")
+        event = StepEvent(
+            actor=self.rt.actor_id, step=step, policy_version=version, sample_ids=acc.sample_ids,
+            sample_versions=acc.versions, failed_samples=len(acc.failed),
+            reward_mean=float(np.mean(acc.rewards)) if acc.rewards else None,
+            loss=acc.stats.get("loss_sum", 0.0) / max(n, 1), grad_norm=float(grad["grad_norm"]),
+            tokens=int(acc.stats.get("tokens", 0)), weights=ref, weights_nbytes=nbytes, final=final,
+        )
+        await self.rt.publish(self.rt.names.done(TRAINER.name), event, msg_id=f"step-{step}")
+        for msg in acc.messages:
+            await msg.ack_sync(timeout=self.rt.timeout_s)
+        self.rt.log.info("step done", step=step, samples=n, failed=len(acc.failed), reward=event.reward_mean,
+                         loss=round(event.loss, 5), grad_norm=round(event.grad_norm, 4),
+                         max_staleness=max((step - v for v in acc.versions), default=0),
+                         seconds=round(time.time() - acc.started, 2))
+        self.step = version
+        self.rt.policy_version = version
+        self.current = StepAccumulator()
+
+    def _publish_weights(self, version: int) -> tuple:
+        tensors = list(self.engine.export_weights())
+        nbytes = sum(t.numel() * t.element_size() for _, t in tensors)
+        return put_weights(self.rt.store, self.config.run.name, version, tensors), nbytes
+
+    async def _keep_waiting_alive(self) -> None:
+        """Held items must not be redelivered while they wait for their step."""
+        period = max(1.0, self.config.broker.ack_wait_s / 3)
+        while True:
+            await asyncio.sleep(period)
+            held = [m for items in self.waiting.values() for m, _ in items] + self.current.messages
+            for msg in held:
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
+
+
+async def run(runtime: ActorRuntime) -> None:
+    trainer = Trainer(runtime)
+    await trainer.run()
+
+
+def read_records(run_dir: Path, name: str = "trained_samples") -> list[dict]:
+    """The trainer's record of samples it trained (step, sample_id, policy_version, reward) or,
+    with name="failed_samples", of samples it could not train (step, sample_id, reason)."""
+    path = run_dir / "trainer" / f"{name}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,273 @@
+"""Run configuration: pydantic models with a docstring per field, loaded from YAML.
+
+One file describes a whole run. Relative paths are resolved against the working directory at
+load time, and the launcher writes the resolved config to `<run_dir>/config.yaml` so that every
+actor, on any host, reads exactly the same settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from asyncflow.errors import ConfigError
+
+RUN_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos far more often than intent: reject them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSettings(_Strict):
+    name: str = Field("asyncflow", pattern=RUN_NAME_PATTERN)
+    """Run name; becomes part of every subject (`af.<name>.…`), stream and Flight key."""
+    seed: int = 0
+    """Seed for model init, prompt order and per-sample sampling (same seed, same samples)."""
+    steps: int = Field(20, ge=1)
+    """Number of optimizer steps (= partitions) to train."""
+    run_dir: Path | None = None
+    """Where logs, metrics, checkpoints and the final model go; default `runs/<name>`."""
+    timeout_s: float = Field(3600.0, gt=0)
+    """Hard limit on the whole run's wall time; the launcher stops everything past it."""
+    stall_timeout_s: float = Field(300.0, gt=0)
+    """A run with no finished optimizer step for this long stops with an error naming the stage."""
+    torch_threads: int = Field(1, ge=1)
+    """torch intra-op threads per actor process (several actors share the cores)."""
+
+
+class ModelSettings(_Strict):
+    path: Path
+    """HF-format model folder (config, weights, tokenizer) that rollout and trainer start from."""
+    create_with: str | None = None
+    """Optional `module:function(path, seed)` that builds the model folder when it does not exist."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Parameter dtype in the engines."""
+
+
+class DataSettings(_Strict):
+    path: Path
+    """Prompt dataset: a `.jsonl` or `.parquet` file, one prompt per row."""
+    create_with: str | None = None
+    """Optional `module:function(path, seed)` that writes the dataset when it does not exist."""
+    prompt_field: str = "prompt"
+    """Row field holding the prompt text; every other field is passed to the reward function."""
+    shuffle: bool = True
+    """Shuffle prompt order with the run seed (the epoch order is a pure function of the seed)."""
+
+
+class AlgorithmSettings(_Strict):
+    name: Literal["grpo"] = "grpo"
+    """Advantage estimator and loss; GRPO is the one built in."""
+    prompts_per_step: int = Field(8, ge=1)
+    """Prompts in one partition (one optimizer step)."""
+    samples_per_prompt: int = Field(8, ge=2)
+    """Responses per prompt: the GRPO group size."""
+    max_staleness: int = Field(1, ge=0)
+    """k: rollout runs at most k policy versions ahead of training; 0 is synchronous on-policy."""
+    clip_low: float = Field(0.2, ge=0)
+    """Lower clip range of the policy ratio (1 - clip_low)."""
+    clip_high: float = Field(0.2, ge=0)
+    """Upper clip range of the policy ratio (1 + clip_high)."""
+    kl_coef: float = Field(0.0, ge=0)
+    """Weight of the k3 KL estimate to the initial (reference) policy; 0 disables the reference."""
+    scale_rewards: bool = True
+    """Divide group-centred rewards by the group's standard deviation (GRPO); False keeps only centring."""
+    adv_eps: float = Field(1e-6, gt=0)
+    """Added to the group standard deviation to avoid dividing by zero."""
+
+
+class SamplingSettings(_Strict):
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature; behaviour and training logprobs both use logits / temperature."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass."""
+    max_new_tokens: int = Field(16, ge=1)
+    """Response length limit; a response stops earlier at the tokenizer's EOS."""
+
+
+class RewardSettings(_Strict):
+    function: str
+    """`module:function(prompt, response, **row_fields) -> float`, loaded at start-up."""
+    timeout_s: float = Field(10.0, gt=0)
+    """A reward call taking longer marks that sample failed."""
+
+
+class HFInferenceSettings(_Strict):
+    type: Literal["hf"] = "hf"
+    """HF transformers + torch generation with a KV cache (CPU or CUDA)."""
+    max_batch_size: int = Field(64, ge=1)
+    """Most sequences generated together in one batch."""
+    device: str = "cpu"
+    """torch device for generation."""
+
+
+InferenceEngineSettings = Annotated[HFInferenceSettings, Field(discriminator="type")]
+
+
+class HFTrainingSettings(_Strict):
+    type: Literal["hf"] = "hf"
+    """HF transformers model trained with torch (AdamW)."""
+    lr: float = Field(1e-5, gt=0)
+    """AdamW learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    grad_clip: float = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value before each optimizer step."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Sequences per forward/backward; gradients accumulate over a partition's micro-batches."""
+    logprob_chunk_tokens: int = Field(4096, ge=1)
+    """Tokens per chunk when turning hidden states into token logprobs (bounds full-logit memory)."""
+    device: str = "cpu"
+    """torch device for training."""
+
+
+TrainingEngineSettings = Annotated[HFTrainingSettings, Field(discriminator="type")]
+
+
+class RolloutSettings(_Strict):
+    instances: int = Field(1, ge=1)
+    """Rollout actor processes; each pulls work from the shared queue (faster ones pull more)."""
+    groups_per_item: int = Field(1, ge=1)
+    """GRPO groups in one rollout work item (one generation batch)."""
+    engine: InferenceEngineSettings = Field(default_factory=HFInferenceSettings)
+    """Inference engine adapter, chosen by `type`."""
+    weights_timeout_s: float = Field(120.0, gt=0)
+    """Longest wait for a policy version the staleness bound requires."""
+
+
+class TrainerSettings(_Strict):
+    engine: TrainingEngineSettings = Field(default_factory=HFTrainingSettings)
+    """Training engine adapter, chosen by `type`."""
+    save_final: bool = True
+    """Write the final model in HF format to `<run_dir>/final`."""
+
+
+class BrokerSettings(_Strict):
+    url: str | None = None
+    """NATS URL of an existing server; None starts an embedded `nats-server` for the run."""
+    host: str = "127.0.0.1"
+    """Bind address of the embedded server (loopback unless told otherwise)."""
+    port: int = Field(0, ge=0, le=65535)
+    """Port of the embedded server; 0 picks a free one."""
+    ack_wait_s: float = Field(300.0, gt=0)
+    """Seconds before an un-acked work item is redelivered to another instance."""
+    max_deliver: int = Field(5, ge=1)
+    """Deliveries of one work item before it goes to the dead-letter subject."""
+    heartbeat_s: float = Field(2.0, gt=0)
+    """Actor heartbeat period (written to the run's KV bucket)."""
+    request_timeout_s: float = Field(10.0, gt=0)
+    """Timeout of every single broker request."""
+
+
+class StoreSettings(_Strict):
+    servers: int = Field(1, ge=1)
+    """Flight store processes the launcher starts (ignored when `locations` is given)."""
+    locations: list[str] = Field(default_factory=list)
+    """Existing Flight stores (`grpc://host:port`); empty: the launcher starts `servers` of them."""
+    host: str = "127.0.0.1"
+    """Bind address of launched stores."""
+    capacity_bytes: int = Field(2 * 1024**3, ge=1024)
+    """Bytes one store holds before refusing puts (back-pressure)."""
+
+
+class Config(_Strict):
+    run: RunSettings = Field(default_factory=RunSettings)
+    model: ModelSettings
+    data: DataSettings
+    algorithm: AlgorithmSettings = Field(default_factory=AlgorithmSettings)
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+    reward: RewardSettings
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings)
+    trainer: TrainerSettings = Field(default_factory=TrainerSettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+
+    @model_validator(mode="after")
+    def _default_run_dir(self) -> Config:
+        if self.run.run_dir is None:
+            self.run.run_dir = Path("runs") / self.run.name
+        return self
+
+    @field_validator("reward")
+    @classmethod
+    def _dotted(cls, value: RewardSettings) -> RewardSettings:
+        if ":" not in value.function:
+            raise ValueError(f"reward.function must look like 'module:function', got {value.function!r}")
+        return value
+
+    @property
+    def run_dir(self) -> Path:
+        assert self.run.run_dir is not None  # set by the validator
+        return self.run.run_dir
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.algorithm.prompts_per_step * self.algorithm.samples_per_prompt
+
+    def resolved(self) -> Config:
+        """A copy with every path absolute, as written for the actors."""
+        data = self.model_dump(mode="python")
+        data["model"]["path"] = Path(data["model"]["path"]).resolve()
+        data["data"]["path"] = Path(data["data"]["path"]).resolve()
+        data["run"]["run_dir"] = Path(data["run"]["run_dir"]).resolve()
+        return Config.model_validate(data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"]) or "<root>"
+        lines.append(f"  {path}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "<dict>", overrides: dict[str, Any] | None = None) -> Config:
+    """Validate a config mapping; errors name every bad field by its dotted path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: expected a mapping at the top level, got {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, source)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a YAML config file; `overrides` maps dotted field paths to values (`run.steps: 3`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config {path} is not valid YAML: {error}") from None
+    return parse_config(data or {}, str(path), overrides)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`run.steps=3` → ("run.steps", 3); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like field.path=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+    node[parts[-1]] = value

@@ -1,0 +1,89 @@
+"""The two engine interfaces: inference (generate) and training (loss → update → export).
+
+Everything outside `asyncflow/engines/` talks to engines only through these ABCs, so vLLM,
+Megatron-core or a user's own engine plug in by implementing a handful of methods. Tensors
+cross the boundary under HF parameter names; token data crosses as plain int/float lists.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 16
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One sampled response: its tokens, each token's logprob under log_softmax(logits / T), why it ended."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" (EOS sampled, included in token_ids) or "length"
+
+
+class InferenceEngine(ABC):
+    """Generates responses from token ids; swaps weights in place."""
+
+    @abstractmethod
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int]
+    ) -> list[Generation]:
+        """Sample one response per prompt. `seeds[i]` alone decides row i's random draws, so the
+        same (weights, prompt, seed) gives the same response whatever the batch around it."""
+
+    @abstractmethod
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Replace the model weights with HF-named tensors (a full state dict)."""
+
+
+@dataclass
+class TrainBatch:
+    """Sequences to train on: prompt and response token ids plus per-token/per-sample targets."""
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    behaviour_logprobs: list[list[float]]
+    advantages: list[float]
+    ref_logprobs: list[list[float]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
+"""loss_fn(logprobs, behaviour_logprobs, advantages, mask, ref_logprobs) → (sum of per-sample
+losses, stats). Tensors are [B, T] over response positions (T = longest response), advantages [B]."""
+
+
+class TrainingEngine(ABC):
+    """Holds the trainable policy and its optimizer."""
+
+    @abstractmethod
+    def forward_backward(self, batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
+        """Add the gradient of loss_fn's summed loss over `batch` to the accumulated gradients."""
+
+    @abstractmethod
+    def optimizer_step(self, grad_scale: float) -> dict[str, float]:
+        """Multiply accumulated gradients by `grad_scale`, clip, step, zero them; returns {'grad_norm': …}."""
+
+    @abstractmethod
+    def compute_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
+        """Token logprobs of each response under the current weights (no gradient)."""
+
+    @abstractmethod
+    def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Current weights as (HF name, CPU tensor) pairs, for the inference side."""
+
+    @abstractmethod
+    def save_pretrained(self, path: Path) -> None:
+        """Write the model (and tokenizer) as an HF folder that transformers and vLLM load."""

@@ -1,0 +1,442 @@
+"""HF transformers + torch engines: hand-written KV-cache generation and an AdamW trainer.
+
+Both sides compute a token's logprob the same way, log_softmax(logits / T)[token] in float32,
+so the importance ratio exp(logp_train - logp_behaviour) is exactly 1 on identical weights up
+to float noise. That agreement is what off-policy correction rests on; the tests check it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
+
+from asyncflow.config import HFInferenceSettings, HFTrainingSettings
+from asyncflow.engines.base import (
+    Generation,
+    InferenceEngine,
+    LossFn,
+    SamplingParams,
+    TrainBatch,
+    TrainingEngine,
+)
+from asyncflow.errors import EngineError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise EngineError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+
+
+def _load_model(model_path: Path, dtype: str, device: str) -> PreTrainedModel:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_torch_dtype(dtype))
+    except (OSError, ValueError) as error:
+        raise EngineError(f"cannot load an HF causal LM from {model_path}: {error}") from error
+    return model.to(device)
+
+
+def _load_tokenizer(model_path: Path) -> Any | None:
+    # A weights-only folder is still usable: special ids then come from the model config.
+    try:
+        return AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return None
+
+
+def _as_id_set(value: int | list[int] | None) -> set[int]:
+    if value is None:
+        return set()
+    if isinstance(value, int):
+        return {value}
+    return {int(v) for v in value}
+
+
+def _token_logprobs(
+    hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module, temperature: float
+) -> torch.Tensor:
+    """log_softmax(lm_head(hidden) / T)[target] for rows of `hidden` [N, H] and `targets` [N]."""
+    logits = lm_head(hidden).float() / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+class HFInferenceEngine(InferenceEngine):
+    """Batched sampling with a KV cache over an HF causal LM, one seeded generator per row."""
+
+    def __init__(self, model_path: Path, settings: HFInferenceSettings, dtype: str = "float32") -> None:
+        self.settings = settings
+        self.device = torch.device(settings.device)
+        self.model = _load_model(Path(model_path), dtype, settings.device).eval()
+        self.tokenizer = _load_tokenizer(Path(model_path))
+        config = self.model.config
+        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+        self.eos_ids = _as_id_set(eos) or _as_id_set(self.model.generation_config.eos_token_id)
+        self.eos_ids |= _as_id_set(getattr(config, "eos_token_id", None))
+        if not self.eos_ids:
+            raise EngineError(
+                f"model at {model_path} defines no EOS token (tokenizer or config eos_token_id)"
+            )
+        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
+        if pad is None:
+            pad = getattr(config, "pad_token_id", None)
+        self.pad_id = int(pad) if pad is not None else min(self.eos_ids)
+        # transformers v5 renamed `past_key_values` to `cache`; use whichever the model takes.
+        parameters = inspect.signature(self.model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
+        self._has_logits_to_keep = "logits_to_keep" in parameters
+
+    # ----------------------------------------------------------------------------------- generate
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int]
+    ) -> list[Generation]:
+        if len(prompts) != len(seeds):
+            raise EngineError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")
+        for index, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise EngineError(f"generate: prompt {index} is empty; a prompt needs at least one token")
+        # Batch similar lengths together (less padding); rows are independent, so order is free.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        results: list[Generation | None] = [None] * len(prompts)
+        size = self.settings.max_batch_size
+        for start in range(0, len(order), size):
+            chunk = order[start : start + size]
+            generations = self._generate_batch(
+                [list(prompts[i]) for i in chunk], params, [seeds[i] for i in chunk]
+            )
+            for i, generation in zip(chunk, generations, strict=True):
+                results[i] = generation
+        return [g for g in results if g is not None]
+
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: DynamicCache,
+    ) -> torch.Tensor:
+        kwargs: dict[str, Any] = {self._cache_kwarg: cache}
+        if self._has_logits_to_keep:
+            kwargs["logits_to_keep"] = 1  # only the last position's logits are needed
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **kwargs,
+        )
+        return out.logits[:, -1, :]
+
+    def _new_cache(self) -> DynamicCache:
+        try:
+            return DynamicCache(config=self.model.config)
+        except TypeError:  # transformers < 4.56 takes no config
+            return DynamicCache()
+
+    @torch.inference_mode()
+    def _generate_batch(
+        self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]
+    ) -> list[Generation]:
+        batch = len(prompts)
+        steps = params.max_new_tokens
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        width = int(lengths.max())
+        # Left padding: every row's next token lands in the same (last) column.
+        input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long, device=self.device)
+        attention_mask = torch.zeros((batch, width), dtype=torch.long, device=self.device)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            attention_mask[row, width - len(prompt) :] = 1
+        # Positions count real tokens only, so a padded row sees the same RoPE phases as alone.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        # All of a row's uniforms come from its own seed, drawn on the CPU so the draws do not
+        # depend on the device or on the rows around it.
+        uniforms = torch.stack(
+            [
+                torch.rand(steps, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)
+                for seed in seeds
+            ]
+        ).to(self.device)
+        eos = torch.tensor(sorted(self.eos_ids), device=self.device)
+
+        cache = self._new_cache()
+        tokens = torch.empty((batch, steps), dtype=torch.long, device=self.device)
+        logprobs = torch.empty((batch, steps), dtype=torch.float32, device=self.device)
+        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        produced = torch.zeros(batch, dtype=torch.long, device=self.device)
+        stopped = torch.zeros(batch, dtype=torch.bool, device=self.device)
+
+        logits = self._forward(input_ids, attention_mask, position_ids, cache)
+        for step in range(steps):
+            token, logprob = self._sample(logits, params, uniforms[:, step])
+            tokens[:, step] = token
+            logprobs[:, step] = logprob
+            produced += (~done).long()
+            hit_eos = torch.isin(token, eos) & ~done
+            stopped |= hit_eos
+            done |= hit_eos
+            if step == steps - 1 or bool(done.all()):
+                break
+            # Finished rows keep decoding (their output is ignored): the cache stays one batch.
+            attention_mask = torch.cat(
+                [attention_mask, torch.ones((batch, 1), dtype=torch.long, device=self.device)], dim=1
+            )
+            position_ids = (lengths + step).unsqueeze(-1)
+            logits = self._forward(token.unsqueeze(-1), attention_mask, position_ids, cache)
+
+        tokens_cpu, logprobs_cpu = tokens.cpu(), logprobs.cpu()
+        out: list[Generation] = []
+        for row in range(batch):
+            n = int(produced[row])
+            out.append(
+                Generation(
+                    token_ids=tokens_cpu[row, :n].tolist(),
+                    logprobs=logprobs_cpu[row, :n].tolist(),
+                    finish_reason="stop" if bool(stopped[row]) else "length",
+                )
+            )
+        return out
+
+    @staticmethod
+    def _sample(
+        logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw one token per row by inverse CDF with the row's uniform; return it and its logprob.
+
+        The recorded logprob is log_softmax(logits / T)[token] *before* the top-p filter, the
+        same quantity the trainer computes (it never applies top-p). With top_p < 1 this is not
+        the exact sampling distribution; that mismatch is the usual, accepted one.
+        """
+        logp = torch.log_softmax(logits.float() / params.temperature, dim=-1)
+        probs = logp.exp()
+        if params.top_p < 1.0:
+            # Keep the smallest prefix of the sorted distribution whose mass reaches top_p;
+            # the most likely token always stays. A stable sort keeps ties deterministic.
+            sorted_probs, sorted_ids = torch.sort(probs, dim=-1, descending=True, stable=True)
+            before = sorted_probs.cumsum(-1) - sorted_probs
+            sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)
+        else:
+            sorted_probs, sorted_ids = probs, None
+        cdf = sorted_probs.cumsum(-1)
+        target = (uniform.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
+        # right=True skips zero-probability entries; the clamp guards u·total rounding up to total.
+        index = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[-1] - 1)
+        token = index if sorted_ids is None else sorted_ids.gather(-1, index)
+        token = token.squeeze(-1)
+        return token, logp.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+
+    # ------------------------------------------------------------------------------------ weights
+    @torch.no_grad()
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy a full HF state dict into the model in place (names must match exactly).
+
+        Tensors are copied as they stream in, so on an error the model may be partly updated;
+        callers treat that as fatal for this engine.
+        """
+        targets = self.model.state_dict()
+        seen: set[str] = set()
+        unknown: list[str] = []
+        for name, tensor in named_tensors:
+            target = targets.get(name)
+            if target is None:
+                unknown.append(name)
+                continue
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise EngineError(
+                    f"load_weights: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}"
+                )
+            target.copy_(tensor)
+            seen.add(name)
+        missing = sorted(set(targets) - seen)
+        if unknown or missing:
+            raise EngineError(
+                f"load_weights: state dict does not match the model; unknown names {sorted(unknown)}, "
+                f"missing names {missing}"
+            )
+
+
+class HFTrainingEngine(TrainingEngine):
+    """An HF causal LM trained with AdamW; gradients accumulate over micro-batches."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        settings: HFTrainingSettings,
+        *,
+        temperature: float = 1.0,
+        dtype: str = "float32",
+        seed: int = 0,
+    ) -> None:
+        if temperature <= 0:
+            raise EngineError(f"temperature must be > 0, got {temperature}")
+        # Nothing here draws random numbers today; the seed pins any that a model adds (dropout).
+        torch.manual_seed(seed)
+        self.settings = settings
+        self.temperature = temperature
+        self.device = torch.device(settings.device)
+        self.model = _load_model(Path(model_path), dtype, settings.device).train()
+        self.tokenizer = _load_tokenizer(Path(model_path))
+        self.decoder = self.model.get_decoder()
+        self.lm_head = self.model.get_output_embeddings()
+        if self.lm_head is None:
+            raise EngineError(f"model at {model_path} has no output embeddings (lm_head)")
+        pad = getattr(self.model.config, "pad_token_id", None)
+        # Right padding is masked out and never predicted from, so any valid id will do.
+        self.pad_id = int(pad) if isinstance(pad, int) else 0
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay
+        )
+
+    # ---------------------------------------------------------------------------------- logprobs
+    def _logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> torch.Tensor:
+        """[B, T] response-token logprobs (zeros past each response's end), T = longest response."""
+        batch = len(prompt_ids)
+        sequences = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
+        width = max(len(s) for s in sequences)
+        longest = max(len(r) for r in response_ids)
+        input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch, width), dtype=torch.long)
+        rows: list[int] = []
+        cols: list[int] = []
+        positions: list[int] = []
+        targets: list[int] = []
+        for row, (prompt, response, sequence) in enumerate(
+            zip(prompt_ids, response_ids, sequences, strict=True)
+        ):
+            if response and not prompt:
+                raise EngineError(
+                    f"sample {row} has a response but an empty prompt; nothing predicts its first token"
+                )
+            input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+            attention_mask[row, : len(sequence)] = 1
+            for j, token in enumerate(response):
+                rows.append(row)
+                cols.append(j)
+                positions.append(len(prompt) - 1 + j)  # the position whose logits predict response[j]
+                targets.append(token)
+        out_shape = (batch, longest)
+        if not rows:
+            return torch.zeros(out_shape, device=self.device)
+
+        hidden = self.decoder(
+            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
+        ).last_hidden_state
+        row_index = torch.tensor(rows, device=self.device)
+        col_index = torch.tensor(cols, device=self.device)
+        picked = hidden[row_index, torch.tensor(positions, device=self.device)]  # [N, H]
+        target = torch.tensor(targets, device=self.device)
+        # lm_head over response positions only, a chunk at a time, so at most chunk × vocab
+        # float logits live at once. Under autograd each chunk is checkpointed: the backward
+        # recomputes its logits instead of keeping every chunk's softmax alive.
+        chunk = self.settings.logprob_chunk_tokens
+        pieces = []
+        for start in range(0, picked.shape[0], chunk):
+            h, t = picked[start : start + chunk], target[start : start + chunk]
+            if torch.is_grad_enabled():
+                piece = checkpoint(_token_logprobs, h, t, self.lm_head, self.temperature, use_reentrant=False)
+            else:
+                piece = _token_logprobs(h, t, self.lm_head, self.temperature)
+            pieces.append(piece)
+        flat = torch.cat(pieces)
+        return torch.zeros(out_shape, dtype=flat.dtype, device=self.device).index_put(
+            (row_index, col_index), flat
+        )
+
+    @torch.no_grad()
+    def compute_logprobs(
+        self, prompt_ids: list[list[int]], response_ids: list[list[int]]
+    ) -> list[list[float]]:
+        out: list[list[float]] = []
+        size = self.settings.micro_batch_size
+        for start in range(0, len(prompt_ids), size):
+            prompts, responses = prompt_ids[start : start + size], response_ids[start : start + size]
+            values = self._logprobs(prompts, responses).cpu()
+            out.extend(values[i, : len(r)].tolist() for i, r in enumerate(responses))
+        return out
+
+    # ---------------------------------------------------------------------------------- training
+    def _padded(self, rows: list[list[float]], width: int) -> torch.Tensor:
+        out = torch.zeros((len(rows), width), dtype=torch.float32)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+        return out.to(self.device)
+
+    def forward_backward(self, batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
+        """Accumulate the gradient of loss_fn over `batch`; stats add across micro-batches
+        (keys ending in `_max` combine by max)."""
+        n = len(batch)
+        for name in ("response_ids", "behaviour_logprobs", "advantages"):
+            if len(getattr(batch, name)) != n:
+                raise EngineError(
+                    f"TrainBatch.{name} has {len(getattr(batch, name))} entries, prompt_ids {n}"
+                )
+        for i, (response, behaviour) in enumerate(
+            zip(batch.response_ids, batch.behaviour_logprobs, strict=True)
+        ):
+            if len(response) != len(behaviour):
+                raise EngineError(
+                    f"sample {i}: {len(response)} response tokens but {len(behaviour)} behaviour logprobs"
+                )
+        totals: dict[str, float] = {}
+        size = self.settings.micro_batch_size
+        for start in range(0, n, size):
+            end = min(start + size, n)
+            responses = batch.response_ids[start:end]
+            width = max(len(r) for r in responses)
+            logprobs = self._logprobs(batch.prompt_ids[start:end], responses)
+            mask = torch.zeros((end - start, width), dtype=torch.float32)
+            for i, r in enumerate(responses):
+                mask[i, : len(r)] = 1.0
+            ref = None if batch.ref_logprobs is None else self._padded(batch.ref_logprobs[start:end], width)
+            loss, stats = loss_fn(
+                logprobs,
+                self._padded(batch.behaviour_logprobs[start:end], width),
+                torch.tensor(batch.advantages[start:end], dtype=torch.float32, device=self.device),
+                mask.to(self.device),
+                ref,
+            )
+            # A micro-batch of empty responses has a loss with no graph: nothing to add.
+            if loss.requires_grad:
+                loss.backward()
+            for key, value in stats.items():
+                if key in totals and key.endswith("_max"):
+                    totals[key] = max(totals[key], float(value))
+                else:
+                    totals[key] = totals.get(key, 0.0) + float(value)
+        return totals
+
+    def optimizer_step(self, grad_scale: float) -> dict[str, float]:
+        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        for p in parameters:
+            p.grad.mul_(grad_scale)
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(parameters, self.settings.grad_clip)
+            if parameters
+            else torch.tensor(0.0)
+        )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": float(grad_norm)}
+
+    # ----------------------------------------------------------------------------------- weights
+    def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """HF-named tensors from `state_dict()`. CPU tensors are cloned so that a consumer
+        holding them does not see later optimizer steps (`.cpu()` of a CPU tensor is a view)."""
+        for name, tensor in self.model.state_dict().items():
+            value = tensor.detach()
+            yield name, value.clone() if value.device.type == "cpu" else value.cpu()
+
+    def save_pretrained(self, path: Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)  # safetensors is the default format
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(path)

@@ -1,0 +1,98 @@
+"""structlog set-up: JSON lines to the run directory, short readable lines on the console.
+
+Every process calls `setup_logging` once; loggers are then bound with run / actor / stage so a
+line in `logs/<actor>.jsonl` always says who wrote it. Secrets never reach a log: values of keys
+that look like credentials are masked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import structlog
+
+_SECRET_NAMES = ("password", "passwd", "token", "secret", "credentials", "nkey", "api_key", "auth")
+
+
+def _is_secret(key: str) -> bool:
+    key = key.lower()
+    return any(key == name or key.endswith("_" + name) for name in _SECRET_NAMES)
+
+
+def _mask_secrets(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    for key in list(event):
+        if _is_secret(key):
+            event[key] = "***"
+    return event
+
+
+class _Sink:
+    """Final processor: one JSON line to the file, one short line to the console."""
+
+    def __init__(self, json_file: TextIO | None, console: TextIO | None, console_level: int) -> None:
+        self.json_file = json_file
+        self.console = console
+        self.console_level = console_level
+        self.lock = threading.Lock()
+
+    def __call__(self, _: Any, method: str, event: dict[str, Any]) -> str:
+        level = event.get("level", method)
+        with self.lock:
+            if self.json_file is not None:
+                self.json_file.write(json.dumps(event, default=str) + "\n")
+                self.json_file.flush()
+            if self.console is not None and _LEVELS.get(level, 20) >= self.console_level:
+                who = event.get("actor") or event.get("component") or ""
+                rest = " ".join(
+                    f"{k}={v}" for k, v in event.items()
+                    if k not in ("event", "level", "timestamp", "actor", "run", "component", "pid", "host")
+                )
+                stamp = time.strftime("%H:%M:%S")
+                self.console.write(f"{stamp} {level:<7} [{who}] {event.get('event', '')} {rest}\n".rstrip() + "\n")
+                self.console.flush()
+        raise structlog.DropEvent
+
+
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50, "exception": 40}
+
+
+def quiet_libraries() -> None:
+    """Progress bars of transformers/hub would flood logs of processes that load models often."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def setup_logging(json_path: Path | None = None, console: bool = True, console_level: str = "info") -> None:
+    quiet_libraries()
+    json_file = None
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_file = open(json_path, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _mask_secrets,
+            structlog.processors.format_exc_info,
+            _Sink(json_file, sys.stderr if console else None, _LEVELS[console_level]),
+        ],
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(**bound: Any) -> structlog.stdlib.BoundLogger:
+    return structlog.get_logger().bind(**bound)

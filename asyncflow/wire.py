@@ -1,0 +1,152 @@
+"""Every message that travels over NATS, as one typed schema each.
+
+Messages are JSON (readable with `nats sub 'af.>'`) and small: they say *where* data is
+(Flight keys and locations), never carry the data itself. `decode` turns any bad payload into
+a `WireError` naming the subject, so a hostile or truncated message is rejected, not crashed on.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from asyncflow.errors import WireError
+
+MAX_MESSAGE_BYTES = 256 * 1024
+"""Control messages stay far below NATS' 1 MiB payload limit; bulk data goes through Flight."""
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def encode(self) -> bytes:
+        payload = self.model_dump_json().encode()
+        if len(payload) > MAX_MESSAGE_BYTES:
+            raise WireError(type(self).__name__, f"{len(payload)} bytes exceeds {MAX_MESSAGE_BYTES}")
+        return payload
+
+
+M = TypeVar("M", bound=Message)
+
+
+def decode(kind: type[M], payload: bytes, subject: str = "?") -> M:
+    """Parse `payload` as `kind`; any malformed input raises WireError(subject, reason)."""
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise WireError(subject, f"{len(payload)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        return kind.model_validate_json(payload)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "<root>"
+        raise WireError(subject, f"{kind.__name__}.{where}: {first['msg']}") from None
+
+
+class ChunkRef(Message):
+    """One column chunk in a Flight store: key `<run>/<partition>/<column>/<chunk>` at `location`."""
+
+    column: str
+    key: str
+    location: str
+    sample_ids: list[int]
+
+
+class WorkItem(Message):
+    """A unit of work for one stage: some GRPO groups of one partition and where their inputs are."""
+
+    stage: str
+    item_id: str
+    partition: int = Field(ge=0)
+    groups: list[int]
+    sample_ids: list[int]
+    inputs: list[ChunkRef]
+    min_version: int = 0
+    """Rollout only: the oldest policy version allowed to generate these samples (I2)."""
+    failed: dict[int, str] = Field(default_factory=dict)
+    """Samples of these groups that failed upstream (sample id → reason); they are not trained."""
+
+
+class DoneEvent(Message):
+    """Stage `stage` wrote `columns` for `sample_ids` (in `chunks`); `failed` lists samples it could not do."""
+
+    kind: Literal["done"] = "done"
+    stage: str
+    item_id: str
+    actor: str
+    partition: int = Field(ge=0)
+    groups: list[int]
+    sample_ids: list[int]
+    chunks: list[ChunkRef]
+    failed: dict[int, str] = Field(default_factory=dict)
+    policy_version: int | None = None
+    busy_s: float = 0.0
+
+
+class StepEvent(Message):
+    """The trainer finished optimizer step `step` on partition `step`; the policy is now `policy_version`."""
+
+    kind: Literal["step"] = "step"
+    actor: str
+    step: int = Field(ge=0)
+    policy_version: int
+    sample_ids: list[int]
+    sample_versions: list[int]
+    failed_samples: int
+    reward_mean: float | None
+    loss: float
+    grad_norm: float
+    tokens: int
+    weights: ChunkRef
+    weights_nbytes: int
+    final: bool = False
+    """True on the last step, after the final model has been saved."""
+
+
+class WeightsEvent(Message):
+    """Policy version `version` is readable from `weights` (published by param-sync)."""
+
+    version: int = Field(ge=0)
+    weights: ChunkRef
+    nbytes: int
+
+
+class DeadLetter(Message):
+    """A work item that kept failing (or could not be parsed), moved out of the work queue."""
+
+    stage: str
+    subject: str
+    deliveries: int
+    reason: str
+    payload: str
+    """The original message, decoded as UTF-8 with replacement (it may be garbage)."""
+
+
+class MetricsEvent(Message):
+    """One busy span of an actor: it worked on `item_id` from `start` to `end` (unix seconds)."""
+
+    actor: str
+    stage: str
+    item_id: str
+    start: float
+    end: float
+    samples: int
+    tokens: int = 0
+
+
+class Heartbeat(Message):
+    """An actor's entry in the run's KV bucket, rewritten every heartbeat period."""
+
+    actor: str
+    role: str
+    host: str
+    pid: int
+    state: Literal["starting", "ready", "busy", "stopping"]
+    policy_version: int | None = None
+    time: float
+
+
+class Control(Message):
+    """Run-wide commands on `af.<run>.control`."""
+
+    command: Literal["stop"]
+    reason: str = ""

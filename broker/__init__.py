@@ -1,0 +1,8 @@
+"""The control plane: the embedded NATS server, connections, and the run's JetStream topology."""
+
+from broker.connection import connect
+from broker.names import RunNames
+from broker.server import EmbeddedNatsServer
+from broker.topology import ensure_topology
+
+__all__ = ["EmbeddedNatsServer", "RunNames", "connect", "ensure_topology"]

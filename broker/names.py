@@ -1,0 +1,69 @@
+"""Subject, stream, consumer and bucket names of a run: an interface users inspect with the NATS CLI.
+
+| name                      | what                                                        |
+|---------------------------|-------------------------------------------------------------|
+| af.<run>.work.<stage>     | work items, stream AF_<RUN>_WORK (work-queue retention)     |
+| af.<run>.done.<stage>     | stage outputs, stream AF_<RUN>_EVENTS (replayable)          |
+| af.<run>.weights          | policy versions, stream AF_<RUN>_EVENTS                     |
+| af.<run>.dead.<stage>     | dead-lettered work items, stream AF_<RUN>_EVENTS            |
+| af.<run>.metrics.<actor>  | busy spans (core NATS)                                      |
+| af.<run>.control          | run-wide commands such as stop (core NATS)                  |
+| AF_<RUN>                  | KV bucket: config, stores, policy version, actors, progress |
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_RUN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class RunNames:
+    run: str
+
+    def __post_init__(self) -> None:
+        if not _RUN.match(self.run):
+            raise ValueError(f"run name {self.run!r} must match {_RUN.pattern} (it becomes a subject token)")
+
+    @property
+    def prefix(self) -> str:
+        return f"af.{self.run}"
+
+    def work(self, stage: str) -> str:
+        return f"{self.prefix}.work.{stage}"
+
+    def done(self, stage: str) -> str:
+        return f"{self.prefix}.done.{stage}"
+
+    def dead(self, stage: str) -> str:
+        return f"{self.prefix}.dead.{stage}"
+
+    @property
+    def weights(self) -> str:
+        return f"{self.prefix}.weights"
+
+    def metrics(self, actor: str) -> str:
+        return f"{self.prefix}.metrics.{actor}"
+
+    @property
+    def control(self) -> str:
+        return f"{self.prefix}.control"
+
+    @property
+    def work_stream(self) -> str:
+        return f"AF_{self.run.upper()}_WORK"
+
+    @property
+    def events_stream(self) -> str:
+        return f"AF_{self.run.upper()}_EVENTS"
+
+    @property
+    def kv_bucket(self) -> str:
+        return f"AF_{self.run.upper()}"
+
+    @staticmethod
+    def consumer(stage: str) -> str:
+        """Durable pull consumer shared by every instance of a stage."""
+        return stage

@@ -1,0 +1,71 @@
+"""Creates (idempotently) the run's JetStream streams, durable work consumers and KV bucket."""
+
+from __future__ import annotations
+
+import contextlib
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+
+from asyncflow.graph import WORK_STAGES
+from broker.names import RunNames
+
+
+async def ensure_topology(
+    js: JetStreamContext,
+    names: RunNames,
+    *,
+    stages: tuple[str, ...] = WORK_STAGES,
+    ack_wait_s: float = 300.0,
+    max_deliver: int = 5,
+) -> None:
+    work = StreamConfig(
+        name=names.work_stream,
+        subjects=[f"{names.prefix}.work.>"],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        description=f"AsyncFlow work items of run {names.run}",
+    )
+    events = StreamConfig(
+        name=names.events_stream,
+        subjects=[f"{names.prefix}.done.>", names.weights, f"{names.prefix}.dead.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        description=f"AsyncFlow stage outputs, weight versions and dead letters of run {names.run}",
+    )
+    for config in (work, events):
+        await _add_or_update_stream(js, config)
+    for stage in stages:
+        consumer = ConsumerConfig(
+            durable_name=names.consumer(stage),
+            name=names.consumer(stage),
+            filter_subject=names.work(stage),
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ack_wait_s,
+            max_deliver=max_deliver,
+            description=f"{stage} work, shared by all {stage} instances",
+        )
+        await js.add_consumer(names.work_stream, config=consumer)
+    await js.create_key_value(
+        KeyValueConfig(bucket=names.kv_bucket, history=1, storage=StorageType.FILE,
+                       description=f"AsyncFlow run state of {names.run}")
+    )
+
+
+async def _add_or_update_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    try:
+        await js.stream_info(config.name)
+    except NotFoundError:
+        await js.add_stream(config)
+        return
+    # An existing stream whose settings cannot be changed in place is kept as it is.
+    with contextlib.suppress(BadRequestError):
+        await js.update_stream(config)
