@@ -17,16 +17,16 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import nats.errors
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from asyncflow.config import Config
 from asyncflow.errors import BrokerError, WireError
 from asyncflow.logs import get_logger
 from asyncflow.wire import Control, DeadLetter, Heartbeat, Message, MetricsEvent, WorkItem, decode
-from broker import RunNames, connect
+from broker import RunNames, connect, ensure_topology
 from flight_store import StoreClient
 
 STORES_KEY = "stores"
@@ -44,7 +44,7 @@ class ActorRuntime:
         self.instance = instance
         self.actor_id = f"{role}-{instance}"
         self.names = RunNames(config.run.name)
-        self.log = get_logger(run=config.run.name, actor=self.actor_id, role=role)
+        self.log = get_logger(run=config.run.name, actor=self.actor_id, role=role, stage=role)
         self.stop = asyncio.Event()
         self.state: str = "starting"
         self.policy_version: int | None = None
@@ -55,8 +55,11 @@ class ActorRuntime:
     async def __aenter__(self) -> ActorRuntime:
         self.nc = await connect(self.nats_url, name=f"asyncflow-{self.actor_id}")
         self.js = self.nc.jetstream(timeout=self.timeout_s)
-        self.kv: KeyValue = await self._wait_for(lambda: self.js.key_value(self.names.kv_bucket), "KV bucket")
-        locations = await self._wait_for(self._read_store_locations, "store locations")
+        # Idempotent: an actor started by hand against a bare broker sets up what it needs.
+        broker = self.config.broker
+        await ensure_topology(self.js, self.names, ack_wait_s=broker.ack_wait_s, max_deliver=broker.max_deliver)
+        self.kv: KeyValue = await self.js.key_value(self.names.kv_bucket)
+        locations = await self._store_locations()
         self.store = StoreClient(locations)
         self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
         await self.nc.subscribe(self.names.control, cb=self._on_control)
@@ -79,19 +82,20 @@ class ActorRuntime:
         self.store.close()
         self.log.info("actor stopped")
 
-    async def _wait_for(self, fetch: Callable[[], Awaitable[Any]], what: str, timeout_s: float = 60.0) -> Any:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                return await fetch()
-            except Exception as error:
-                if time.monotonic() > deadline:
-                    raise BrokerError(f"{self.actor_id}: {what} not available after {timeout_s} s: {error}") from None
-                await asyncio.sleep(0.2)
-
-    async def _read_store_locations(self) -> list[str]:
-        entry = await self.kv.get(STORES_KEY)
-        return list(json.loads(entry.value or b"[]"))
+    async def _store_locations(self) -> list[str]:
+        """The stores the launcher registered in KV, else the ones the config names."""
+        try:
+            entry = await self.kv.get(STORES_KEY)
+            locations = list(json.loads(entry.value or b"[]"))
+        except KeyNotFoundError:
+            locations = []
+        locations = locations or list(self.config.store.locations)
+        if not locations:
+            raise BrokerError(
+                f"{self.actor_id}: no Flight store known: none registered under {STORES_KEY!r} in KV bucket "
+                f"{self.names.kv_bucket} and store.locations is empty in the config"
+            )
+        return locations
 
     # -- heartbeats and control -------------------------------------------------------------
 
@@ -161,7 +165,7 @@ class ActorRuntime:
     async def fetch(self, subscription: Any, batch: int = 1, timeout_s: float = 1.0) -> list[Msg]:
         try:
             return await subscription.fetch(batch, timeout=timeout_s)
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nats.errors.TimeoutError or asyncio's, depending on where it expired
             return []
 
     async def dead_letter(self, stage: str, msg: Msg, reason: str) -> None:

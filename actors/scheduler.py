@@ -82,10 +82,12 @@ class Scheduler:
     async def _start_partition(self, partition: int) -> None:
         started = time.time()
         groups = [self._new_group(partition, g) for g in range(self.algo.prompts_per_step)]
-        await asyncio.to_thread(self._write_prompts, groups)
         per_item = self.config.rollout.groups_per_item
         for first in range(0, len(groups), per_item):
-            await self._dispatch(ROLLOUT, groups[first:first + per_item])
+            # Prompts are written and dispatched item by item, so rollout starts on the first one.
+            item_groups = groups[first:first + per_item]
+            await asyncio.to_thread(self._write_prompts, item_groups)
+            await self._dispatch(ROLLOUT, item_groups)
         await self.rt.publish_metrics(f"prompt-p{partition}", PROMPT.name, started, self.config.samples_per_step)
         self.rt.log.info("partition admitted", partition=partition, latest_version=self.latest_version,
                          min_version=min_version(partition, self.algo.max_staleness))

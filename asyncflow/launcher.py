@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,21 +28,21 @@ from asyncflow.hooks import load_callable
 from asyncflow.logs import get_logger, setup_logging
 from asyncflow.monitor import ActorProcess, Monitor, summarize
 from asyncflow.wire import Control
-from broker import EmbeddedNatsServer, RunNames, connect, ensure_topology
+from broker import EmbeddedNatsServer, RunNames, connect, delete_topology, ensure_topology
 from broker.server import die_with_parent
+from flight_store import StoreClient
 
 
 def run(config: Config) -> dict[str, Any]:
     config = config.resolved()
     run_dir = config.run_dir
+    clear_previous_run(run_dir)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir / "logs" / "launcher.jsonl")
     log = get_logger(run=config.run.name, actor="launcher")
     prepare_inputs(config)
     config_path = run_dir / "config.yaml"
     config_path.write_text(config.to_yaml())
-    for stale in ("metrics.jsonl", "summary.json", "trainer/trained_samples.jsonl", "trainer/failed_samples.jsonl"):
-        (run_dir / stale).unlink(missing_ok=True)
 
     started = time.time()
     with ExitStack() as cleanup:
@@ -61,6 +62,14 @@ def run(config: Config) -> dict[str, Any]:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("run finished", **summary)
     return summary
+
+
+def clear_previous_run(run_dir: Path) -> None:
+    """A new run in an old run directory starts clean: no stale logs, records, broker state or model."""
+    for name in ("logs", "nats", "stores", "trainer", "final"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    for name in ("metrics.jsonl", "summary.json", "actors.json", "config.yaml"):
+        (run_dir / name).unlink(missing_ok=True)
 
 
 def prepare_inputs(config: Config) -> None:
@@ -118,6 +127,9 @@ async def set_up_run(config: Config, nats_url: str, stores: list[str]) -> None:
     try:
         js = nc.jetstream(timeout=config.broker.request_timeout_s)
         names = RunNames(config.run.name)
+        await delete_topology(js, names)  # a run name reused on a shared broker starts from nothing
+        with StoreClient(stores) as store:
+            store.drop_prefix(f"{names.run}/")
         await ensure_topology(js, names, ack_wait_s=config.broker.ack_wait_s, max_deliver=config.broker.max_deliver)
         kv = await js.key_value(names.kv_bucket)
         await kv.put("stores", json.dumps(stores).encode())

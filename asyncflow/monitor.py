@@ -156,7 +156,7 @@ class Monitor:
                 f"samples/s {row['samples_per_s']}  staleness<={row['staleness_max']}  "
                 f"failed {row['failed_samples']}  busy[{busy}]")
         print(line, file=sys.stdout, flush=True)
-        self.log.info("step", **row)
+        self.log.debug("step", **row)  # the JSON log keeps it; the console has the line above
 
     async def _wait(self, js: Any) -> None:
         deadline = self.started + self.config.run.timeout_s

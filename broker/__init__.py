@@ -3,6 +3,6 @@
 from broker.connection import connect
 from broker.names import RunNames
 from broker.server import EmbeddedNatsServer
-from broker.topology import ensure_topology
+from broker.topology import delete_topology, ensure_topology
 
-__all__ = ["EmbeddedNatsServer", "RunNames", "connect", "ensure_topology"]
+__all__ = ["EmbeddedNatsServer", "RunNames", "connect", "delete_topology", "ensure_topology"]

@@ -13,7 +13,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 
 from asyncflow.graph import WORK_STAGES
 from broker.names import RunNames
@@ -69,3 +69,12 @@ async def _add_or_update_stream(js: JetStreamContext, config: StreamConfig) -> N
     # An existing stream whose settings cannot be changed in place is kept as it is.
     with contextlib.suppress(BadRequestError):
         await js.update_stream(config)
+
+
+async def delete_topology(js: JetStreamContext, names: RunNames) -> None:
+    """Remove the run's streams (with their consumers) and KV bucket, if they exist."""
+    for stream in (names.work_stream, names.events_stream):
+        with contextlib.suppress(NotFoundError):
+            await js.delete_stream(stream)
+    with contextlib.suppress(NotFoundError, BucketNotFoundError):
+        await js.delete_key_value(names.kv_bucket)

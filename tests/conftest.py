@@ -30,3 +30,36 @@ def arith_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from examples.arith import write_dataset
 
     return write_dataset(tmp_path_factory.mktemp("data") / "arith.jsonl", seed=0)
+
+
+@pytest.fixture
+def flight_store_server():
+    """A real Flight store in this process (it serves on gRPC threads from construction on)."""
+    from flight_store import ColumnStoreServer
+
+    server = ColumnStoreServer(host="127.0.0.1", port=0, capacity_bytes=256 * 1024**2)
+    try:
+        yield server
+    finally:
+        server.shutdown()
+
+
+def make_tiny_config(tmp_path: Path, model: Path, dataset: Path, k: int, name: str, *, steps: int = 3,
+                     prompts: int = 4, group: int = 4, **sections: dict):
+    """A few-second run config on the tiny arithmetic model; `sections` update config sections."""
+    from asyncflow.config import parse_config
+
+    raw: dict = {
+        "run": {"name": name, "seed": 3, "steps": steps, "run_dir": str(tmp_path / name),
+                "stall_timeout_s": 120, "timeout_s": 300},
+        "model": {"path": str(model)},
+        "data": {"path": str(dataset)},
+        "algorithm": {"prompts_per_step": prompts, "samples_per_prompt": group},
+        "sampling": {"max_new_tokens": 3},
+        "reward": {"function": "examples.arith:reward"},
+        "trainer": {"engine": {"type": "hf", "lr": 0.003, "micro_batch_size": 8}},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    raw["algorithm"]["max_staleness"] = k
+    return parse_config(raw).resolved()

@@ -14,9 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from actors.trainer import read_records
-from asyncflow.config import Config, parse_config
+from asyncflow.config import Config
 from asyncflow.launcher import run
 from asyncflow.sync_loop import run_synchronous
+from tests.conftest import make_tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -24,19 +25,8 @@ STEPS, PROMPTS, GROUP = 3, 4, 4
 
 
 def tiny_config(tmp_path: Path, model: Path, dataset: Path, k: int, name: str, **sections) -> Config:
-    raw = {
-        "run": {"name": name, "seed": 3, "steps": STEPS, "run_dir": str(tmp_path / name),
-                "stall_timeout_s": 120, "timeout_s": 300},
-        "model": {"path": str(model)},
-        "data": {"path": str(dataset)},
-        "algorithm": {"prompts_per_step": PROMPTS, "samples_per_prompt": GROUP, "max_staleness": k},
-        "sampling": {"max_new_tokens": 3},
-        "reward": {"function": "examples.arith:reward"},
-        "trainer": {"engine": {"type": "hf", "lr": 0.003, "micro_batch_size": 8}},
-    }
-    for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
-    return parse_config(raw).resolved()
+    return make_tiny_config(tmp_path, model, dataset, k, name, steps=STEPS, prompts=PROMPTS, group=GROUP,
+                            **sections)
 
 
 def all_sample_ids() -> set[int]:
@@ -44,8 +34,16 @@ def all_sample_ids() -> set[int]:
 
 
 @pytest.mark.parametrize("k", [0, 1])
-def test_pipeline_respects_staleness_and_trains_each_sample_once(tmp_path, tiny_model_dir, arith_dataset, k):
-    config = tiny_config(tmp_path, tiny_model_dir, arith_dataset, k, f"pipe-k{k}")
+def test_pipeline_respects_staleness_and_trains_each_sample_once(
+    tmp_path, tiny_model_dir, arith_dataset, nats_server, flight_store_server, k
+):
+    sections = {}
+    if k == 1:
+        # The same run against a broker and a store it did not start (as across hosts), with the
+        # KL term to the reference policy switched on.
+        sections = {"broker": {"url": nats_server.url}, "store": {"locations": [flight_store_server.location]},
+                    "algorithm": {"kl_coef": 0.05}}
+    config = tiny_config(tmp_path, tiny_model_dir, arith_dataset, k, f"pipe-k{k}", **sections)
     summary = run(config)
     run_dir = config.run_dir
 
