@@ -63,7 +63,10 @@ def test_pipeline_respects_staleness_and_trains_each_sample_once(
     assert json.loads((run_dir / "summary.json").read_text()) == summary
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(STEPS))
-    assert all(m["busy_s"].get("rollout", 0) > 0 and m["busy_s"].get("trainer", 0) > 0 for m in metrics)
+    # Busy time is booked to the step during which it happened: with k ≥ 1 rollout of a later
+    # partition may all fall inside an earlier step, so only the totals must cover every stage.
+    for stage in ("prompt", "rollout", "reward", "trainer"):
+        assert sum(m["busy_s"].get(stage, 0.0) for m in metrics) > 0, stage
     actors = json.loads((run_dir / "actors.json").read_text())
     assert {a["role"] for a in actors} == {"scheduler", "rollout", "reward", "trainer", "param_sync"}
     assert all(a["pid"] > 0 and a["host"] for a in actors)
