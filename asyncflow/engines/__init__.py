@@ -18,6 +18,7 @@ from asyncflow.engines.base import (
     TrainingEngine,
 )
 from asyncflow.errors import EngineError
+from asyncflow.hooks import load_callable
 
 __all__ = [
     "Generation",
@@ -27,6 +28,7 @@ __all__ = [
     "TrainBatch",
     "TrainingEngine",
     "make_inference_engine",
+    "make_local_training_engine",
     "make_training_engine",
 ]
 
@@ -40,8 +42,15 @@ def make_inference_engine(
             from asyncflow.engines.hf import HFInferenceEngine
 
             return HFInferenceEngine(model_path, settings, dtype=dtype)
+        case "vllm":
+            from asyncflow.engines.vllm_engine import VLLMInferenceEngine
+
+            return VLLMInferenceEngine(model_path, settings, dtype=dtype)
+        case "custom":
+            factory = load_callable(settings.factory, "rollout.engine.factory")
+            return _checked(factory(model_path, dtype, **settings.kwargs), InferenceEngine, settings.factory)
         case other:
-            raise EngineError(f"unknown inference engine type {other!r}; available: 'hf'")
+            raise EngineError(f"unknown inference engine type {other!r}; available: 'hf', 'vllm', 'custom'")
 
 
 def make_training_engine(
@@ -52,11 +61,45 @@ def make_training_engine(
     dtype: str = "float32",
     seed: int = 0,
 ) -> TrainingEngine:
-    """The training engine that `settings.type` names, loaded from the HF folder `model_path`."""
+    """The training engine that `settings.type` names, loaded from the HF folder `model_path`.
+
+    With `settings.data_parallel` > 1 the engine is replicated over that many processes, each
+    training on its share of every batch (see `asyncflow.engines.data_parallel`).
+    """
+    if settings.data_parallel > 1:
+        from asyncflow.engines.data_parallel import DataParallelTrainingEngine
+
+        return DataParallelTrainingEngine(settings, model_path, temperature=temperature, dtype=dtype, seed=seed)
+    return make_local_training_engine(settings, model_path, temperature=temperature, dtype=dtype, seed=seed)
+
+
+def make_local_training_engine(
+    settings: TrainingEngineSettings,
+    model_path: Path,
+    *,
+    temperature: float = 1.0,
+    dtype: str = "float32",
+    seed: int = 0,
+) -> TrainingEngine:
+    """One replica of the training engine in this process (what each data-parallel rank builds)."""
     match settings.type:
         case "hf":
             from asyncflow.engines.hf import HFTrainingEngine
 
             return HFTrainingEngine(model_path, settings, temperature=temperature, dtype=dtype, seed=seed)
+        case "megatron":
+            from asyncflow.engines.megatron_engine import MegatronTrainingEngine
+
+            return MegatronTrainingEngine(model_path, settings, temperature=temperature, dtype=dtype, seed=seed)
+        case "custom":
+            factory = load_callable(settings.factory, "trainer.engine.factory")
+            engine = factory(model_path, settings, temperature=temperature, dtype=dtype, seed=seed, **settings.kwargs)
+            return _checked(engine, TrainingEngine, settings.factory)
         case other:
-            raise EngineError(f"unknown training engine type {other!r}; available: 'hf'")
+            raise EngineError(f"unknown training engine type {other!r}; available: 'hf', 'megatron', 'custom'")
+
+
+def _checked(engine: object, kind: type, factory: str):  # type: ignore[no-untyped-def]
+    if not isinstance(engine, kind):
+        raise EngineError(f"engine factory {factory!r} returned {type(engine).__name__}, not a {kind.__name__}")
+    return engine
