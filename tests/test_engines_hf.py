@@ -278,9 +278,9 @@ def test_factories(model_path: Path) -> None:
     assert isinstance(make_inference_engine(HFInferenceSettings(), model_path, "float32"), HFInferenceEngine)
     trainer = make_training_engine(HFTrainingSettings(), model_path, temperature=0.7, dtype="float32", seed=1)
     assert isinstance(trainer, HFTrainingEngine) and trainer.temperature == 0.7
-    with pytest.raises(EngineError, match="vllm"):
-        make_inference_engine(HFInferenceSettings.model_construct(type="vllm"), model_path)
-    with pytest.raises(EngineError, match="megatron"):
-        make_training_engine(HFTrainingSettings.model_construct(type="megatron"), model_path)
+    with pytest.raises(EngineError, match="unknown inference engine type 'nope'"):
+        make_inference_engine(HFInferenceSettings.model_construct(type="nope"), model_path)
+    with pytest.raises(EngineError, match="unknown training engine type 'nope'"):
+        make_training_engine(HFTrainingSettings.model_construct(type="nope", data_parallel=1), model_path)
     with pytest.raises(EngineError, match="dtype"):
         make_inference_engine(HFInferenceSettings(), model_path, "float8")
