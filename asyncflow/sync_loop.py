@@ -50,7 +50,8 @@ def run_synchronous(config: Config) -> tuple[list[SyncStep], dict[str, torch.Ten
             row = rows[prompt_index(step, group, algo.prompts_per_step, len(rows), config.run.seed,
                                     config.data.shuffle)]
             groups.append((group_sample_ids(step, group, algo.prompts_per_step, algo.samples_per_prompt),
-                           tokenize_prompt(tokenizer, row.prompt), row))
+                           tokenize_prompt(tokenizer, row.prompt, config.data.chat_template,
+                                           config.data.system_prompt), row))
         # Generation batches are composed exactly as rollout work items are (groups_per_item groups).
         responses = {}
         per_item = config.rollout.groups_per_item
