@@ -22,7 +22,7 @@ from nats.aio.msg import Msg
 
 from actors.runtime import ActorRuntime, read_columns
 from asyncflow.algorithms.grpo import group_advantages, grpo_loss
-from asyncflow.engines import TrainBatch, make_training_engine
+from asyncflow.engines import TrainBatch, make_local_training_engine, make_training_engine
 from asyncflow.errors import WireError
 from asyncflow.graph import TRAINER
 from asyncflow.partitions import group_of
@@ -55,12 +55,11 @@ class Trainer:
         config = runtime.config
         self.config = config
         self.algo = config.algorithm
-        make = functools.partial(
-            make_training_engine, config.trainer.engine, config.model.path,
-            temperature=config.sampling.temperature, dtype=config.model.dtype, seed=config.run.seed,
-        )
-        self.engine = make()
-        self.reference = make() if self.algo.kl_coef > 0 else None
+        options = {"temperature": config.sampling.temperature, "dtype": config.model.dtype, "seed": config.run.seed}
+        self.engine = make_training_engine(config.trainer.engine, config.model.path, **options)
+        # The KL reference only computes logprobs: one local replica, never data-parallel.
+        self.reference = (make_local_training_engine(config.trainer.engine, config.model.path, **options)
+                          if self.algo.kl_coef > 0 else None)
         self.loss_fn = functools.partial(
             grpo_loss, clip_low=self.algo.clip_low, clip_high=self.algo.clip_high, kl_coef=self.algo.kl_coef
         )

@@ -1,0 +1,512 @@
+"""Megatron-core training engine: a GPTModel built from an HF folder, trained with torch AdamW.
+
+Semantics are HFTrainingEngine's, token for token: a response token's logprob is
+log_softmax(logits / T)[token] in float32, taken at response positions only, a chunk of
+positions at a time; batches split into micro-batches whose gradients add up; the loss is
+`loss_fn(logprobs, behaviour_logprobs, advantages, mask, ref_logprobs)` over [B, T] tensors;
+stats add across micro-batches (keys ending in `_max` combine by max). Weights cross the
+boundary under HF names through `megatron_convert`.
+
+Parallelism: tensor and pipeline parallel sizes are 1. Data parallelism belongs to the caller:
+if torch.distributed is already initialised (a data-parallel wrapper started N ranks), the
+engine builds its Megatron groups inside that world and leaves gradients alone, since the
+wrapper all-reduces plain `.grad` tensors; otherwise it starts a world of one on gloo.
+
+CPU: Megatron-core assumes CUDA in three places that a forward/backward reaches:
+`torch.cuda.current_device()` (RoPE frequencies, the attention score buffer), the CUDA RNG
+state tracker (the attention-dropout fork) and the default causal mask (built on "cuda"). The
+engine always passes its own causal mask; on a CPU device it answers `current_device()` with
+the CPU for the duration of its own forward/backward calls, and where CUDA is absent it installs
+a CPU RNG tracker. On a CUDA device Megatron runs unmodified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoConfig
+
+from asyncflow.config import MegatronTrainingSettings
+from asyncflow.engines.base import LossFn, TrainBatch, TrainingEngine
+from asyncflow.errors import EngineError
+
+try:
+    from megatron.core import parallel_state
+    from megatron.core import tensor_parallel as megatron_tp
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.tensor_parallel import random as megatron_random
+except ImportError as error:  # pragma: no cover - exercised only without the extra installed
+    raise EngineError(
+        f"the Megatron training engine needs megatron-core (install the `megatron` extra): {error}"
+    ) from error
+
+from asyncflow.engines.megatron_convert import (  # noqa: E402  (after the megatron import check)
+    gpt_model_kwargs_from_hf,
+    hf_to_megatron,
+    megatron_to_hf,
+    transformer_config_from_hf,
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Files of an HF folder that describe the tokenizer / generation defaults, copied by save_pretrained.
+_TOKENIZER_FILES = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "chat_template.*",
+    "generation_config.json",
+)
+
+
+# ------------------------------------------------------------------------------------ CPU shims
+class _CPURNGTracker:
+    """Megatron's CudaRNGStatesTracker API over the CPU generator.
+
+    `fork(name)` runs its body on the named CPU RNG state and restores the global CPU state
+    afterwards (torch.random.fork_rng with no devices), the same contract the CUDA tracker
+    keeps for the CUDA generator. Megatron only forks it around attention dropout.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+        self._is_initialized = False
+
+    def is_initialized(self) -> bool:
+        return self._is_initialized
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return dict(self.states_)
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self._is_initialized = True
+        self.states_ = dict(states)
+
+    def add(self, name: str, seed: int) -> None:
+        self._is_initialized = True
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+        self.seeds_.add(seed)
+
+    @contextlib.contextmanager
+    def fork(self, name: str = megatron_random._MODEL_PARALLEL_RNG_TRACKER_NAME) -> Iterator[None]:
+        if name not in self.states_:
+            raise EngineError(f"CPU RNG state {name!r} was never added")
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+
+
+def _install_cpu_rng_tracker(seed: int) -> None:
+    """Replace Megatron's process-wide CUDA RNG tracker by a CPU one, seeded like
+    `model_parallel_cuda_manual_seed` (TP rank 0, EP rank 0)."""
+    tracker = _CPURNGTracker()
+    tracker.add(megatron_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(megatron_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718)
+    tracker.add(megatron_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024)
+    megatron_random._CUDA_RNG_STATE_TRACKER = tracker
+    megatron_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+_device_lock = threading.Lock()
+_device_depth = 0
+_saved_current_device: Callable[[], Any] | None = None
+
+
+def _cpu_current_device() -> torch.device:
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _cpu_as_current_device() -> Iterator[None]:
+    """Make `torch.cuda.current_device()` answer the CPU while the body runs.
+
+    Megatron allocates its attention score buffer and RoPE frequencies on that device, so a CPU
+    engine needs the answer to be the CPU. Without CUDA the real call would raise, so nothing
+    that works is changed. Reference-counted: nested or concurrent engine calls restore the
+    original exactly once (other threads see the CPU answer meanwhile; on a machine without
+    CUDA that only turns an error into "cpu").
+    """
+    global _device_depth, _saved_current_device
+    with _device_lock:
+        if _device_depth == 0:
+            _saved_current_device = torch.cuda.current_device
+            torch.cuda.current_device = _cpu_current_device  # type: ignore[assignment]
+        _device_depth += 1
+    try:
+        yield
+    finally:
+        with _device_lock:
+            _device_depth -= 1
+            if _device_depth == 0 and _saved_current_device is not None:
+                torch.cuda.current_device = _saved_current_device  # type: ignore[assignment]
+                _saved_current_device = None
+
+
+# ------------------------------------------------------------------------- distributed set-up
+_megatron_world: Any = None
+"""The default process group Megatron's groups were built in by this module (None: not by us)."""
+
+
+def _ensure_parallel_state(device: torch.device) -> None:
+    """A torch.distributed world (ours of size 1 unless a caller made one) and Megatron's groups.
+
+    A world of one is started with a file store in a fresh temporary folder, so concurrent
+    processes never race for a TCP port. Megatron's groups (TP = PP = 1, so DP = world size)
+    are created once per world; every rank of an existing world builds its engine, so the
+    collective group creation lines up. Groups we built in a world that has since been
+    destroyed (a finished data-parallel run) are rebuilt in the current one.
+    """
+    global _megatron_world
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        store_file = Path(tempfile.mkdtemp(prefix="asyncflow-megatron-")) / "store"
+        dist.init_process_group(backend=backend, init_method=f"file://{store_file}", rank=0, world_size=1)
+    world = dist.group.WORLD
+    if parallel_state.model_parallel_is_initialized():
+        if _megatron_world is None or _megatron_world is world:
+            return  # ours and current, or made by the caller: use as is
+        parallel_state.destroy_model_parallel()
+    # The default group is already gloo on CPU; extra gloo copies of every group are not needed.
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=1, pipeline_model_parallel_size=1, create_gloo_process_groups=False
+    )
+    _megatron_world = world
+
+
+def _padded(rows: list[list[float]], width: int, device: torch.device) -> torch.Tensor:
+    out = torch.zeros((len(rows), width), dtype=torch.float32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out.to(device)
+
+
+class MegatronTrainingEngine(TrainingEngine):
+    """A Megatron-core GPTModel (local layer spec, TP = PP = 1) trained with AdamW."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        settings: MegatronTrainingSettings,
+        *,
+        temperature: float = 1.0,
+        dtype: str = "float32",
+        seed: int = 0,
+    ) -> None:
+        if temperature <= 0:
+            raise EngineError(f"temperature must be > 0, got {temperature}")
+        if dtype not in _DTYPES:
+            raise EngineError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+        self.model_path = Path(model_path)
+        self.settings = settings
+        self.temperature = temperature
+        self.dtype = _DTYPES[dtype]
+        self.device = torch.device(settings.device)
+        self._on_cpu = self.device.type == "cpu"
+        if not self._on_cpu and not torch.cuda.is_available():
+            raise EngineError(f"training device {settings.device!r} asked for, but torch sees no CUDA device")
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # Megatron allocates on the *current* CUDA device
+
+        try:
+            self.hf_config = AutoConfig.from_pretrained(self.model_path)
+        except (OSError, ValueError) as error:
+            raise EngineError(f"cannot read an HF config from {self.model_path}: {error}") from error
+        hf_weights = self._read_hf_weights()
+
+        _ensure_parallel_state(self.device)
+        torch.manual_seed(seed)
+        if self._on_cpu and not torch.cuda.is_available():
+            _install_cpu_rng_tracker(seed)
+        else:
+            megatron_tp.model_parallel_cuda_manual_seed(seed)
+
+        overrides: dict[str, Any] = {
+            "params_dtype": self.dtype,
+            "bf16": self.dtype == torch.bfloat16,
+            "fp16": self.dtype == torch.float16,
+            # Weights come from the HF checkpoint: skip Megatron's random init. On CPU build
+            # there directly; on CUDA allocate on the device.
+            "use_cpu_initialization": self._on_cpu,
+            "perform_initialization": False,
+            **settings.megatron_kwargs,
+        }
+        try:
+            self.config = transformer_config_from_hf(self.hf_config, **overrides)
+        except TypeError as error:
+            raise EngineError(f"invalid megatron_kwargs for TransformerConfig: {error}") from error
+        self.model = GPTModel(
+            config=self.config,
+            transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+            pre_process=True,
+            post_process=True,
+            **gpt_model_kwargs_from_hf(self.hf_config),
+        ).to(self.device)
+        self._load_hf_weights(hf_weights)
+        self.model.train()
+
+        pad = getattr(self.hf_config, "pad_token_id", None)
+        # Right padding is masked out and never predicted from, so any valid id will do.
+        self.pad_id = int(pad) if isinstance(pad, int) else 0
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay
+        )
+
+    # ------------------------------------------------------------------------------- weights in
+    def _read_hf_weights(self) -> dict[str, torch.Tensor]:
+        import json
+
+        from safetensors.torch import load_file
+
+        # The index names a sharded checkpoint's files; without one, model.safetensors alone
+        # (other *.safetensors in the folder, adapters say, are not the model's weights).
+        index = self.model_path / "model.safetensors.index.json"
+        if index.exists():
+            files = sorted({self.model_path / f for f in json.loads(index.read_text())["weight_map"].values()})
+        else:
+            files = [f for f in [self.model_path / "model.safetensors"] if f.exists()]
+        if files:
+            weights: dict[str, torch.Tensor] = {}
+            for file in files:
+                weights.update(load_file(file))
+            return weights
+        # Older folders hold pytorch_model*.bin; let transformers read those.
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        except (OSError, ValueError) as error:
+            raise EngineError(f"cannot load HF weights from {self.model_path}: {error}") from error
+        return dict(model.state_dict())
+
+    @torch.no_grad()
+    def _load_hf_weights(self, hf_weights: dict[str, torch.Tensor]) -> None:
+        converted = hf_to_megatron(hf_weights, self.hf_config)
+        targets = {n: t for n, t in self.model.state_dict().items() if not n.endswith("_extra_state")}
+        missing = sorted(set(targets) - set(converted))
+        unknown = sorted(set(converted) - set(targets))
+        if missing or unknown:
+            raise EngineError(
+                f"HF weights from {self.model_path} do not fill the Megatron model: missing {missing}, unknown {unknown}"
+            )
+        for name, tensor in converted.items():
+            if tuple(targets[name].shape) != tuple(tensor.shape):
+                raise EngineError(
+                    f"{name}: HF weights give shape {tuple(tensor.shape)}, the Megatron model has {tuple(targets[name].shape)}"
+                )
+            targets[name].copy_(tensor)
+
+    # ---------------------------------------------------------------------------------- helpers
+    def _megatron_context(self) -> contextlib.AbstractContextManager[None]:
+        # Keyed on the engine's device, not on CUDA being absent: a CPU engine on a CUDA machine
+        # would otherwise get its attention buffer and RoPE frequencies on the GPU.
+        return _cpu_as_current_device() if self._on_cpu else contextlib.nullcontext()
+
+    def _hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Final (normed) hidden states [B, S, H] for right-padded `input_ids` [B, S].
+
+        Megatron works in [S, B, H]. RoPE phases are 0..S-1 per row, the same as HF's for
+        right padding; a causal mask alone suffices since real tokens never see later padding.
+        The mask is passed explicitly because Megatron's default causal mask is built on CUDA.
+        """
+        batch, seq = input_ids.shape
+        position_ids = torch.arange(seq, device=self.device).unsqueeze(0).expand(batch, seq)
+        embeddings = self.model.embedding(input_ids=input_ids, position_ids=position_ids)  # [S, B, H]
+        rotary = self.model.rotary_pos_emb(seq)
+        causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool, device=self.device), diagonal=1)
+        hidden = self.model.decoder(
+            hidden_states=embeddings, attention_mask=causal[None, None], rotary_pos_emb=rotary
+        )
+        return hidden.transpose(0, 1)
+
+    def _token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log_softmax(output_layer(hidden) / T)[target] for rows of `hidden` [N, H], `targets` [N]."""
+        weight = (
+            self.model.shared_embedding_or_output_weight()
+            if self.model.share_embeddings_and_output_weights
+            else None
+        )
+        # The output layer takes Megatron's [S, B, H]: the N positions as a sequence of batch 1.
+        logits, _ = self.model.output_layer(hidden.unsqueeze(1), weight=weight)
+        logits = logits.squeeze(1).float() / self.temperature
+        return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    def _logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> torch.Tensor:
+        """[B, T] response-token logprobs (zeros past each response's end), T = longest response."""
+        batch = len(prompt_ids)
+        sequences = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
+        width = max(len(s) for s in sequences)
+        longest = max(len(r) for r in response_ids)
+        input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
+        rows: list[int] = []
+        cols: list[int] = []
+        positions: list[int] = []
+        targets: list[int] = []
+        for row, (prompt, response, sequence) in enumerate(
+            zip(prompt_ids, response_ids, sequences, strict=True)
+        ):
+            if response and not prompt:
+                raise EngineError(
+                    f"sample {row} has a response but an empty prompt; nothing predicts its first token"
+                )
+            input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+            for j, token in enumerate(response):
+                rows.append(row)
+                cols.append(j)
+                positions.append(len(prompt) - 1 + j)  # the position whose logits predict response[j]
+                targets.append(token)
+        out_shape = (batch, longest)
+        if not rows:
+            return torch.zeros(out_shape, device=self.device)
+
+        hidden = self._hidden(input_ids.to(self.device))
+        row_index = torch.tensor(rows, device=self.device)
+        col_index = torch.tensor(cols, device=self.device)
+        picked = hidden[row_index, torch.tensor(positions, device=self.device)]  # [N, H]
+        target = torch.tensor(targets, device=self.device)
+        # Output layer over response positions only, a chunk at a time (at most chunk × vocab
+        # float logits alive); under autograd each chunk is recomputed in the backward.
+        chunk = self.settings.logprob_chunk_tokens
+        pieces = []
+        for start in range(0, picked.shape[0], chunk):
+            h, t = picked[start : start + chunk], target[start : start + chunk]
+            if torch.is_grad_enabled():
+                piece = checkpoint(self._token_logprobs, h, t, use_reentrant=False)
+            else:
+                piece = self._token_logprobs(h, t)
+            pieces.append(piece)
+        flat = torch.cat(pieces)
+        return torch.zeros(out_shape, dtype=flat.dtype, device=self.device).index_put(
+            (row_index, col_index), flat
+        )
+
+    # --------------------------------------------------------------------------------- logprobs
+    @torch.no_grad()
+    def compute_logprobs(
+        self, prompt_ids: list[list[int]], response_ids: list[list[int]]
+    ) -> list[list[float]]:
+        out: list[list[float]] = []
+        size = self.settings.micro_batch_size
+        with self._megatron_context():
+            for start in range(0, len(prompt_ids), size):
+                prompts, responses = prompt_ids[start : start + size], response_ids[start : start + size]
+                values = self._logprobs(prompts, responses).cpu()
+                out.extend(values[i, : len(r)].tolist() for i, r in enumerate(responses))
+        return out
+
+    # --------------------------------------------------------------------------------- training
+    def forward_backward(self, batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
+        """Accumulate the gradient of loss_fn over `batch`; stats add across micro-batches
+        (keys ending in `_max` combine by max)."""
+        n = len(batch)
+        for name in ("response_ids", "behaviour_logprobs", "advantages"):
+            if len(getattr(batch, name)) != n:
+                raise EngineError(
+                    f"TrainBatch.{name} has {len(getattr(batch, name))} entries, prompt_ids {n}"
+                )
+        for i, (response, behaviour) in enumerate(
+            zip(batch.response_ids, batch.behaviour_logprobs, strict=True)
+        ):
+            if len(response) != len(behaviour):
+                raise EngineError(
+                    f"sample {i}: {len(response)} response tokens but {len(behaviour)} behaviour logprobs"
+                )
+        totals: dict[str, float] = {}
+        size = self.settings.micro_batch_size
+        with self._megatron_context():
+            for start in range(0, n, size):
+                end = min(start + size, n)
+                responses = batch.response_ids[start:end]
+                width = max(len(r) for r in responses)
+                logprobs = self._logprobs(batch.prompt_ids[start:end], responses)
+                mask = torch.zeros((end - start, width), dtype=torch.float32)
+                for i, r in enumerate(responses):
+                    mask[i, : len(r)] = 1.0
+                ref = (
+                    None
+                    if batch.ref_logprobs is None
+                    else _padded(batch.ref_logprobs[start:end], width, self.device)
+                )
+                loss, stats = loss_fn(
+                    logprobs,
+                    _padded(batch.behaviour_logprobs[start:end], width, self.device),
+                    torch.tensor(batch.advantages[start:end], dtype=torch.float32, device=self.device),
+                    mask.to(self.device),
+                    ref,
+                )
+                # A micro-batch of empty responses has a loss with no graph: nothing to add.
+                if loss.requires_grad:
+                    loss.backward()
+                for key, value in stats.items():
+                    if key in totals and key.endswith("_max"):
+                        totals[key] = max(totals[key], float(value))
+                    else:
+                        totals[key] = totals.get(key, 0.0) + float(value)
+        return totals
+
+    def optimizer_step(self, grad_scale: float) -> dict[str, float]:
+        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        for p in parameters:
+            p.grad.mul_(grad_scale)
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(parameters, self.settings.grad_clip)
+            if parameters
+            else torch.tensor(0.0)
+        )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": float(grad_norm)}
+
+    # ------------------------------------------------------------------------------ weights out
+    def _hf_state_dict(self) -> dict[str, torch.Tensor]:
+        # `_extra_state` entries are serialisation metadata (None here), not weights.
+        state = {n: t.detach() for n, t in self.model.state_dict().items() if isinstance(t, torch.Tensor)}
+        return megatron_to_hf(state, self.hf_config)
+
+    def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """HF-named CPU tensors, each its own copy so later optimizer steps do not show through
+        (split QKV / gate-up pieces are fresh already, renamed tensors would be views)."""
+        for name, tensor in self._hf_state_dict().items():
+            yield name, tensor.clone() if tensor.device.type == "cpu" else tensor.cpu()
+
+    def save_pretrained(self, path: Path) -> None:
+        """An HF folder: config.json, model.safetensors (sharded with an index when large) and
+        the tokenizer / generation files copied from the model folder."""
+        from huggingface_hub import save_torch_state_dict
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        # Own storage per tensor: split QKV / gate-up pieces are views into one fused tensor,
+        # which safetensors refuses to write as separate entries.
+        weights = {n: t.to("cpu", copy=True).contiguous() for n, t in self._hf_state_dict().items()}
+        if getattr(self.hf_config, "tie_word_embeddings", False):
+            weights.pop("lm_head.weight", None)  # HF re-ties it from the embedding on load
+        config = AutoConfig.from_pretrained(self.model_path)
+        config.dtype = self.dtype
+        config.save_pretrained(path)
+        save_torch_state_dict(weights, path, metadata={"format": "pt"})
+        for pattern in _TOKENIZER_FILES:
+            for source in self.model_path.glob(pattern):
+                if source.is_file() and source.resolve() != (path / source.name).resolve():
+                    shutil.copy2(source, path / source.name)
+
