@@ -1,12 +1,13 @@
 # Two commands do everything on a fresh machine with Python 3.11:
-#   make run   - set up .venv, then run the default example (GRPO on addition, tiny Llama, CPU)
-#   make test  - set up .venv, then run the test suite
+#   make run       - set up .venv, then post-train SmolLM2-135M-Instruct (vLLM rollout, torch trainer, CPU)
+#   make test      - set up .venv, then run the test suite
+#   make run-tiny  - the fast example: a tiny Llama learns addition from scratch in ~2 minutes
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint clean
+.PHONY: setup run run-tiny test lint clean
 
 setup: $(STAMP)
 
@@ -25,6 +26,9 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 run: setup
+	$(BIN)/asyncflow run examples/smollm2.yaml
+
+run-tiny: setup
 	$(BIN)/asyncflow run examples/arith.yaml
 
 test: setup

@@ -37,7 +37,12 @@ def build_smollm2(path: Path, seed: int = 0) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
     gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
     # save_pretrained refuses GGUF-loaded models: copy into a fresh model of the same config.
-    model = LlamaForCausalLM(gguf_model.config)
+    config = gguf_model.config
+    # The weights are plain float32 from here on; a leftover `quantization_config: gguf` would make
+    # vLLM refuse the folder ("Unknown quantization method").
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ ENGINE_SETTINGS: dict[str, Callable[[], Any]] = {
 def models(cache: Path) -> dict[str, Path]:
     from asyncflow.tiny_model import build_tiny_llama
 
-    found = {"tiny-llama": build_tiny_llama(cache / "tiny", "0123456789+=")}
+    found = {"tiny-llama": build_tiny_llama(cache / "tiny-2heads", "0123456789+=", num_heads=2)}
     try:
         from asyncflow.smollm2 import build_smollm2
 
