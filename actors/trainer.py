@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,9 @@ class Trainer:
         # The KL reference only computes logprobs: one local replica, never data-parallel.
         self.reference = (make_local_training_engine(config.trainer.engine, config.model.path, **options)
                           if self.algo.kl_coef > 0 else None)
+        self.rt.log.info("training engine ready", engine=type(self.engine).__name__,
+                         data_parallel=config.trainer.engine.data_parallel,
+                         rank_pids=[os.getpid(), *getattr(self.engine, "worker_pids", [])])
         self.loss_fn = functools.partial(
             grpo_loss, clip_low=self.algo.clip_low, clip_high=self.algo.clip_high, kl_coef=self.algo.kl_coef
         )

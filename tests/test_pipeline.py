@@ -119,3 +119,15 @@ def test_reward_that_raises_fails_samples_not_zero_rewards(tmp_path, tiny_model_
     trained_ids = {t["sample_id"] for t in trained}
     assert not failed_ids & trained_ids, "a failed sample was trained"
     assert failed_ids | trained_ids == all_sample_ids(), "a sample was neither trained nor reported failed"
+
+
+def test_data_parallel_trainer_in_a_pipeline(tmp_path, tiny_model_dir, arith_dataset):
+    """The trainer actor starts its own data-parallel ranks (2 gloo processes) and trains as usual."""
+    config = tiny_config(tmp_path, tiny_model_dir, arith_dataset, 1, "dp2",
+                         trainer={"engine": {"type": "hf", "lr": 0.003, "micro_batch_size": 8, "data_parallel": 2}})
+    summary = run(config)
+    ids = [r["sample_id"] for r in read_records(config.run_dir)]
+    assert sorted(ids) == sorted(all_sample_ids()) and summary["steps"] == STEPS
+    lines = (config.run_dir / "logs" / "trainer-0.jsonl").read_text().splitlines()
+    (ready,) = [e for e in map(json.loads, lines) if e["event"] == "training engine ready"]
+    assert ready["engine"] == "DataParallelTrainingEngine" and len(set(ready["rank_pids"])) == 2
