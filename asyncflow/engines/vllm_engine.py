@@ -304,6 +304,8 @@ class VLLMInferenceEngine(InferenceEngine):
                 )
             else:
                 self._reload_from_file(weights)
+            if self._tied:
+                self.llm.collective_rpc(_refresh_tied_output_layer)
             self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         except EngineError:
             raise
@@ -341,3 +343,19 @@ class VLLMInferenceEngine(InferenceEngine):
             llm.llm_engine.engine_core.shutdown()
         finally:
             del self.llm
+
+
+def _refresh_tied_output_layer(worker: Any) -> bool:
+    """Run in each vLLM worker after a reload of a model with tied input/output embeddings.
+
+    On CPU the output layer (lm_head) keeps a packed GEMM copy of its weight, made when weights
+    are processed. A tied lm_head receives no tensor of its own in a reload (the checkpoint has
+    only the embedding), so vLLM restores its old packed copy: logits would come from the old
+    embedding while everything else is new. Re-processing it packs the freshly loaded one.
+    """
+    model = worker.get_model() if hasattr(worker, "get_model") else worker.model_runner.model
+    lm_head = getattr(model, "lm_head", None)
+    if lm_head is None or not hasattr(lm_head, "quant_method"):
+        return False
+    lm_head.quant_method.process_weights_after_loading(lm_head)
+    return True
