@@ -12,10 +12,11 @@ import asyncio
 
 from nats.aio.msg import Msg
 
-from actors.runtime import POLICY_VERSION_KEY, ActorRuntime
+from actors.runtime import ActorRuntime
 from asyncflow.errors import WireError
 from asyncflow.graph import TRAINER
 from asyncflow.wire import StepEvent, WeightsEvent, decode
+from broker.names import KV_POLICY_VERSION
 from flight_store.weights import drop_weights
 
 KEEP_VERSIONS = 2
@@ -49,7 +50,7 @@ class ParamSync:
             return  # replayed after a restart: already announced (and de-duplicated by msg id)
         announcement = WeightsEvent(version=version, weights=event.weights, nbytes=event.weights_nbytes)
         await self.rt.publish(self.rt.names.weights, announcement, msg_id=f"weights-{version}")
-        await self.rt.kv.put(POLICY_VERSION_KEY, str(version).encode())
+        await self.rt.kv.put(KV_POLICY_VERSION, str(version).encode())
         self.latest = version
         self.rt.policy_version = version
         self.rt.log.info("policy version announced", version=version, nbytes=event.weights_nbytes)

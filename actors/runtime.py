@@ -27,11 +27,8 @@ from asyncflow.errors import BrokerError, WireError
 from asyncflow.logs import get_logger
 from asyncflow.wire import Control, DeadLetter, Heartbeat, Message, MetricsEvent, WorkItem, decode
 from broker import RunNames, connect, ensure_topology
+from broker.names import KV_STORES
 from flight_store import StoreClient
-
-STORES_KEY = "stores"
-CONFIG_KEY = "config"
-POLICY_VERSION_KEY = "policy_version"
 
 
 class ActorRuntime:
@@ -85,14 +82,14 @@ class ActorRuntime:
     async def _store_locations(self) -> list[str]:
         """The stores the launcher registered in KV, else the ones the config names."""
         try:
-            entry = await self.kv.get(STORES_KEY)
+            entry = await self.kv.get(KV_STORES)
             locations = list(json.loads(entry.value or b"[]"))
         except KeyNotFoundError:
             locations = []
         locations = locations or list(self.config.store.locations)
         if not locations:
             raise BrokerError(
-                f"{self.actor_id}: no Flight store known: none registered under {STORES_KEY!r} in KV bucket "
+                f"{self.actor_id}: no Flight store known: none registered under {KV_STORES!r} in KV bucket "
                 f"{self.names.kv_bucket} and store.locations is empty in the config"
             )
         return locations

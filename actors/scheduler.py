@@ -24,6 +24,7 @@ from asyncflow.graph import GRPO_GRAPH, PROMPT, ROLLOUT, TRAINER, Stage
 from asyncflow.partitions import group_sample_ids, prompt_index
 from asyncflow.staleness import admissible_partitions, min_version
 from asyncflow.wire import ChunkRef, DeadLetter, DoneEvent, StepEvent, WeightsEvent, WorkItem, decode
+from broker.names import KV_PROGRESS
 from flight_store.columns import token_lists
 
 
@@ -194,7 +195,7 @@ class Scheduler:
         for key in [k for k in self.groups if k[0] == event.step]:
             del self.groups[key]
         dropped = await asyncio.to_thread(self.rt.store.drop_partition, self.config.run.name, event.step)
-        await self.rt.kv.put("progress", json.dumps({"step": event.step, "trained": len(self.trained)}).encode())
+        await self.rt.kv.put(KV_PROGRESS, json.dumps({"step": event.step, "trained": len(self.trained)}).encode())
         self.rt.log.info("partition trained and dropped", partition=event.step, keys_dropped=dropped)
 
 

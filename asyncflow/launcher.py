@@ -29,6 +29,7 @@ from asyncflow.logs import get_logger, setup_logging
 from asyncflow.monitor import ActorProcess, Monitor, summarize
 from asyncflow.wire import Control
 from broker import EmbeddedNatsServer, RunNames, connect, delete_topology, ensure_topology
+from broker.names import KV_CONFIG, KV_POLICY_VERSION, KV_STORES
 from broker.server import die_with_parent
 from flight_store import StoreClient
 
@@ -132,9 +133,9 @@ async def set_up_run(config: Config, nats_url: str, stores: list[str]) -> None:
             store.drop_prefix(f"{names.run}/")
         await ensure_topology(js, names, ack_wait_s=config.broker.ack_wait_s, max_deliver=config.broker.max_deliver)
         kv = await js.key_value(names.kv_bucket)
-        await kv.put("stores", json.dumps(stores).encode())
-        await kv.put("config", config.model_dump_json().encode())
-        await kv.put("policy_version", b"0")
+        await kv.put(KV_STORES, json.dumps(stores).encode())
+        await kv.put(KV_CONFIG, config.model_dump_json().encode())
+        await kv.put(KV_POLICY_VERSION, b"0")
     finally:
         await nc.close()
 

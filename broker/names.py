@@ -16,6 +16,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+# Keys of the run's KV bucket.
+KV_STORES = "stores"
+"""JSON list of the Flight store locations actors should use."""
+KV_CONFIG = "config"
+"""The resolved run config (JSON)."""
+KV_POLICY_VERSION = "policy_version"
+"""Newest announced policy version."""
+KV_PROGRESS = "progress"
+"""Last trained step, as JSON."""
+
 _RUN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
