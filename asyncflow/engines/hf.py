@@ -20,11 +20,9 @@ from asyncflow.config import HFInferenceSettings, HFTrainingSettings
 from asyncflow.engines.base import (
     Generation,
     InferenceEngine,
-    LossFn,
     SamplingParams,
-    TrainBatch,
-    TrainingEngine,
 )
+from asyncflow.engines.torch_training import TorchTrainingEngine
 from asyncflow.errors import EngineError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -263,7 +261,7 @@ class HFInferenceEngine(InferenceEngine):
             )
 
 
-class HFTrainingEngine(TrainingEngine):
+class HFTrainingEngine(TorchTrainingEngine):
     """An HF causal LM trained with AdamW; gradients accumulate over micro-batches."""
 
     def __init__(
@@ -349,82 +347,6 @@ class HFTrainingEngine(TrainingEngine):
         return torch.zeros(out_shape, dtype=flat.dtype, device=self.device).index_put(
             (row_index, col_index), flat
         )
-
-    @torch.no_grad()
-    def compute_logprobs(
-        self, prompt_ids: list[list[int]], response_ids: list[list[int]]
-    ) -> list[list[float]]:
-        out: list[list[float]] = []
-        size = self.settings.micro_batch_size
-        for start in range(0, len(prompt_ids), size):
-            prompts, responses = prompt_ids[start : start + size], response_ids[start : start + size]
-            values = self._logprobs(prompts, responses).cpu()
-            out.extend(values[i, : len(r)].tolist() for i, r in enumerate(responses))
-        return out
-
-    # ---------------------------------------------------------------------------------- training
-    def _padded(self, rows: list[list[float]], width: int) -> torch.Tensor:
-        out = torch.zeros((len(rows), width), dtype=torch.float32)
-        for i, row in enumerate(rows):
-            out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
-        return out.to(self.device)
-
-    def forward_backward(self, batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
-        """Accumulate the gradient of loss_fn over `batch`; stats add across micro-batches
-        (keys ending in `_max` combine by max)."""
-        n = len(batch)
-        for name in ("response_ids", "behaviour_logprobs", "advantages"):
-            if len(getattr(batch, name)) != n:
-                raise EngineError(
-                    f"TrainBatch.{name} has {len(getattr(batch, name))} entries, prompt_ids {n}"
-                )
-        for i, (response, behaviour) in enumerate(
-            zip(batch.response_ids, batch.behaviour_logprobs, strict=True)
-        ):
-            if len(response) != len(behaviour):
-                raise EngineError(
-                    f"sample {i}: {len(response)} response tokens but {len(behaviour)} behaviour logprobs"
-                )
-        totals: dict[str, float] = {}
-        size = self.settings.micro_batch_size
-        for start in range(0, n, size):
-            end = min(start + size, n)
-            responses = batch.response_ids[start:end]
-            width = max(len(r) for r in responses)
-            logprobs = self._logprobs(batch.prompt_ids[start:end], responses)
-            mask = torch.zeros((end - start, width), dtype=torch.float32)
-            for i, r in enumerate(responses):
-                mask[i, : len(r)] = 1.0
-            ref = None if batch.ref_logprobs is None else self._padded(batch.ref_logprobs[start:end], width)
-            loss, stats = loss_fn(
-                logprobs,
-                self._padded(batch.behaviour_logprobs[start:end], width),
-                torch.tensor(batch.advantages[start:end], dtype=torch.float32, device=self.device),
-                mask.to(self.device),
-                ref,
-            )
-            # A micro-batch of empty responses has a loss with no graph: nothing to add.
-            if loss.requires_grad:
-                loss.backward()
-            for key, value in stats.items():
-                if key in totals and key.endswith("_max"):
-                    totals[key] = max(totals[key], float(value))
-                else:
-                    totals[key] = totals.get(key, 0.0) + float(value)
-        return totals
-
-    def optimizer_step(self, grad_scale: float) -> dict[str, float]:
-        parameters = [p for p in self.model.parameters() if p.grad is not None]
-        for p in parameters:
-            p.grad.mul_(grad_scale)
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(parameters, self.settings.grad_clip)
-            if parameters
-            else torch.tensor(0.0)
-        )
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": float(grad_norm)}
 
     # ----------------------------------------------------------------------------------- weights
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:

@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig
 
 from asyncflow.config import MegatronTrainingSettings
-from asyncflow.engines.base import LossFn, TrainBatch, TrainingEngine
+from asyncflow.engines.torch_training import TorchTrainingEngine
 from asyncflow.errors import EngineError
 
 try:
@@ -194,14 +194,7 @@ def _ensure_parallel_state(device: torch.device) -> None:
     _megatron_world = world
 
 
-def _padded(rows: list[list[float]], width: int, device: torch.device) -> torch.Tensor:
-    out = torch.zeros((len(rows), width), dtype=torch.float32)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
-    return out.to(device)
-
-
-class MegatronTrainingEngine(TrainingEngine):
+class MegatronTrainingEngine(TorchTrainingEngine):
     """A Megatron-core GPTModel (local layer spec, TP = PP = 1) trained with AdamW."""
 
     def __init__(
@@ -317,7 +310,7 @@ class MegatronTrainingEngine(TrainingEngine):
             targets[name].copy_(tensor)
 
     # ---------------------------------------------------------------------------------- helpers
-    def _megatron_context(self) -> contextlib.AbstractContextManager[None]:
+    def _context(self) -> contextlib.AbstractContextManager[None]:
         # Keyed on the engine's device, not on CUDA being absent: a CPU engine on a CUDA machine
         # would otherwise get its attention buffer and RoPE frequencies on the GPU.
         return _cpu_as_current_device() if self._on_cpu else contextlib.nullcontext()
@@ -399,83 +392,6 @@ class MegatronTrainingEngine(TrainingEngine):
         return torch.zeros(out_shape, dtype=flat.dtype, device=self.device).index_put(
             (row_index, col_index), flat
         )
-
-    # --------------------------------------------------------------------------------- logprobs
-    @torch.no_grad()
-    def compute_logprobs(
-        self, prompt_ids: list[list[int]], response_ids: list[list[int]]
-    ) -> list[list[float]]:
-        out: list[list[float]] = []
-        size = self.settings.micro_batch_size
-        with self._megatron_context():
-            for start in range(0, len(prompt_ids), size):
-                prompts, responses = prompt_ids[start : start + size], response_ids[start : start + size]
-                values = self._logprobs(prompts, responses).cpu()
-                out.extend(values[i, : len(r)].tolist() for i, r in enumerate(responses))
-        return out
-
-    # --------------------------------------------------------------------------------- training
-    def forward_backward(self, batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
-        """Accumulate the gradient of loss_fn over `batch`; stats add across micro-batches
-        (keys ending in `_max` combine by max)."""
-        n = len(batch)
-        for name in ("response_ids", "behaviour_logprobs", "advantages"):
-            if len(getattr(batch, name)) != n:
-                raise EngineError(
-                    f"TrainBatch.{name} has {len(getattr(batch, name))} entries, prompt_ids {n}"
-                )
-        for i, (response, behaviour) in enumerate(
-            zip(batch.response_ids, batch.behaviour_logprobs, strict=True)
-        ):
-            if len(response) != len(behaviour):
-                raise EngineError(
-                    f"sample {i}: {len(response)} response tokens but {len(behaviour)} behaviour logprobs"
-                )
-        totals: dict[str, float] = {}
-        size = self.settings.micro_batch_size
-        with self._megatron_context():
-            for start in range(0, n, size):
-                end = min(start + size, n)
-                responses = batch.response_ids[start:end]
-                width = max(len(r) for r in responses)
-                logprobs = self._logprobs(batch.prompt_ids[start:end], responses)
-                mask = torch.zeros((end - start, width), dtype=torch.float32)
-                for i, r in enumerate(responses):
-                    mask[i, : len(r)] = 1.0
-                ref = (
-                    None
-                    if batch.ref_logprobs is None
-                    else _padded(batch.ref_logprobs[start:end], width, self.device)
-                )
-                loss, stats = loss_fn(
-                    logprobs,
-                    _padded(batch.behaviour_logprobs[start:end], width, self.device),
-                    torch.tensor(batch.advantages[start:end], dtype=torch.float32, device=self.device),
-                    mask.to(self.device),
-                    ref,
-                )
-                # A micro-batch of empty responses has a loss with no graph: nothing to add.
-                if loss.requires_grad:
-                    loss.backward()
-                for key, value in stats.items():
-                    if key in totals and key.endswith("_max"):
-                        totals[key] = max(totals[key], float(value))
-                    else:
-                        totals[key] = totals.get(key, 0.0) + float(value)
-        return totals
-
-    def optimizer_step(self, grad_scale: float) -> dict[str, float]:
-        parameters = [p for p in self.model.parameters() if p.grad is not None]
-        for p in parameters:
-            p.grad.mul_(grad_scale)
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(parameters, self.settings.grad_clip)
-            if parameters
-            else torch.tensor(0.0)
-        )
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": float(grad_norm)}
 
     # ------------------------------------------------------------------------------ weights out
     def _hf_state_dict(self) -> dict[str, torch.Tensor]:
