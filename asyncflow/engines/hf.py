@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
 from asyncflow.config import HFInferenceSettings, HFTrainingSettings
@@ -294,59 +293,11 @@ class HFTrainingEngine(TorchTrainingEngine):
         )
 
     # ---------------------------------------------------------------------------------- logprobs
-    def _logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> torch.Tensor:
-        """[B, T] response-token logprobs (zeros past each response's end), T = longest response."""
-        batch = len(prompt_ids)
-        sequences = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
-        width = max(len(s) for s in sequences)
-        longest = max(len(r) for r in response_ids)
-        input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch, width), dtype=torch.long)
-        rows: list[int] = []
-        cols: list[int] = []
-        positions: list[int] = []
-        targets: list[int] = []
-        for row, (prompt, response, sequence) in enumerate(
-            zip(prompt_ids, response_ids, sequences, strict=True)
-        ):
-            if response and not prompt:
-                raise EngineError(
-                    f"sample {row} has a response but an empty prompt; nothing predicts its first token"
-                )
-            input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-            attention_mask[row, : len(sequence)] = 1
-            for j, token in enumerate(response):
-                rows.append(row)
-                cols.append(j)
-                positions.append(len(prompt) - 1 + j)  # the position whose logits predict response[j]
-                targets.append(token)
-        out_shape = (batch, longest)
-        if not rows:
-            return torch.zeros(out_shape, device=self.device)
+    def _hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-        hidden = self.decoder(
-            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
-        ).last_hidden_state
-        row_index = torch.tensor(rows, device=self.device)
-        col_index = torch.tensor(cols, device=self.device)
-        picked = hidden[row_index, torch.tensor(positions, device=self.device)]  # [N, H]
-        target = torch.tensor(targets, device=self.device)
-        # lm_head over response positions only, a chunk at a time, so at most chunk × vocab
-        # float logits live at once. Under autograd each chunk is checkpointed: the backward
-        # recomputes its logits instead of keeping every chunk's softmax alive.
-        chunk = self.settings.logprob_chunk_tokens
-        pieces = []
-        for start in range(0, picked.shape[0], chunk):
-            h, t = picked[start : start + chunk], target[start : start + chunk]
-            if torch.is_grad_enabled():
-                piece = checkpoint(_token_logprobs, h, t, self.lm_head, self.temperature, use_reentrant=False)
-            else:
-                piece = _token_logprobs(h, t, self.lm_head, self.temperature)
-            pieces.append(piece)
-        flat = torch.cat(pieces)
-        return torch.zeros(out_shape, dtype=flat.dtype, device=self.device).index_put(
-            (row_index, col_index), flat
-        )
+    def _chunk_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return _token_logprobs(hidden, targets, self.lm_head, self.temperature)
 
     # ----------------------------------------------------------------------------------- weights
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:

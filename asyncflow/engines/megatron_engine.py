@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig
 
 from asyncflow.config import MegatronTrainingSettings
@@ -344,54 +343,12 @@ class MegatronTrainingEngine(TorchTrainingEngine):
         logits = logits.squeeze(1).float() / self.temperature
         return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
-    def _logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> torch.Tensor:
-        """[B, T] response-token logprobs (zeros past each response's end), T = longest response."""
-        batch = len(prompt_ids)
-        sequences = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
-        width = max(len(s) for s in sequences)
-        longest = max(len(r) for r in response_ids)
-        input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
-        rows: list[int] = []
-        cols: list[int] = []
-        positions: list[int] = []
-        targets: list[int] = []
-        for row, (prompt, response, sequence) in enumerate(
-            zip(prompt_ids, response_ids, sequences, strict=True)
-        ):
-            if response and not prompt:
-                raise EngineError(
-                    f"sample {row} has a response but an empty prompt; nothing predicts its first token"
-                )
-            input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-            for j, token in enumerate(response):
-                rows.append(row)
-                cols.append(j)
-                positions.append(len(prompt) - 1 + j)  # the position whose logits predict response[j]
-                targets.append(token)
-        out_shape = (batch, longest)
-        if not rows:
-            return torch.zeros(out_shape, device=self.device)
+    def _hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # Right padding under a causal mask never reaches a real position: the mask is not needed.
+        return self._hidden(input_ids)
 
-        hidden = self._hidden(input_ids.to(self.device))
-        row_index = torch.tensor(rows, device=self.device)
-        col_index = torch.tensor(cols, device=self.device)
-        picked = hidden[row_index, torch.tensor(positions, device=self.device)]  # [N, H]
-        target = torch.tensor(targets, device=self.device)
-        # Output layer over response positions only, a chunk at a time (at most chunk × vocab
-        # float logits alive); under autograd each chunk is recomputed in the backward.
-        chunk = self.settings.logprob_chunk_tokens
-        pieces = []
-        for start in range(0, picked.shape[0], chunk):
-            h, t = picked[start : start + chunk], target[start : start + chunk]
-            if torch.is_grad_enabled():
-                piece = checkpoint(self._token_logprobs, h, t, use_reentrant=False)
-            else:
-                piece = self._token_logprobs(h, t)
-            pieces.append(piece)
-        flat = torch.cat(pieces)
-        return torch.zeros(out_shape, dtype=flat.dtype, device=self.device).index_put(
-            (row_index, col_index), flat
-        )
+    def _chunk_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self._token_logprobs(hidden, targets)
 
     # ------------------------------------------------------------------------------ weights out
     def _hf_state_dict(self) -> dict[str, torch.Tensor]:
