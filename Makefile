@@ -2,12 +2,13 @@
 #   make run       - set up .venv, then post-train SmolLM2-135M-Instruct (vLLM rollout, torch trainer, CPU)
 #   make test      - set up .venv, then run the test suite
 #   make run-tiny  - the fast example: a tiny Llama learns addition from scratch in ~2 minutes
+#   make bench     - every benchmark in bench/, one after the other (~1.5 h); results: docs/benchmarks.md
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run run-tiny test lint clean
+.PHONY: setup run run-tiny test lint bench clean
 
 setup: $(STAMP)
 
@@ -33,6 +34,21 @@ run-tiny: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# TRL is a benchmark-only extra (the side-by-side in bench/learning.py).
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[$(EXTRAS),bench]"
+	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench.data_plane
+	$(BIN)/python -m bench.scheduler_scale
+	$(BIN)/python -m bench.weight_sync
+	$(BIN)/python -m bench.generation
+	$(BIN)/python -m bench.pipeline
+	$(BIN)/python -m bench.learning
 
 lint: setup
 	$(BIN)/ruff check .

@@ -1,8 +1,13 @@
 """Rollout actor: generates responses for work items with an inference engine.
 
 Weights follow the staleness contract lazily: the actor keeps generating with the weights it has
-while they are recent enough for the item (version ≥ item.min_version) and swaps, between items,
-to the newest version param-sync announced only when the bound requires it.
+while they are recent enough for the item (version ≥ item.min_version) and swaps, at a batch
+boundary, only when the bound requires it. Every announced version is prefetched into memory in
+the background meanwhile (`actors/weight_prefetch.py`), so a swap exposes only the engine load.
+
+With `rollout.concurrent_items` > 1 and an engine that batches requests continuously, several
+items are generated at once; a swap then waits for the items in flight to finish (the batch
+boundary) and holds new ones back until the new weights are in.
 """
 
 from __future__ import annotations
@@ -15,13 +20,15 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
 from actors.runtime import ActorRuntime, read_columns
+from actors.weight_prefetch import WeightPrefetcher
 from asyncflow.engines import SamplingParams, make_inference_engine
-from asyncflow.errors import EngineError, WireError
+from asyncflow.errors import WireError
 from asyncflow.graph import ROLLOUT
 from asyncflow.partitions import group_of, sample_seed
 from asyncflow.wire import ChunkRef, DoneEvent, WeightsEvent, WorkItem, decode
 from flight_store.columns import float_lists, token_lists
-from flight_store.weights import get_weights
+
+WEIGHT_SWAP_STAGE = "weight_swap"  # the busy spans of swaps show on the timeline under this name
 
 
 class Rollout:
@@ -29,7 +36,8 @@ class Rollout:
         self.rt = runtime
         config = runtime.config
         self.config = config
-        self.engine = make_inference_engine(config.rollout.engine, config.model.path, config.model.dtype)
+        self.engine = make_inference_engine(config.rollout.engine, config.model.path, config.model.dtype,
+                                            instance=runtime.instance)
         self.params = SamplingParams(
             temperature=config.sampling.temperature,
             top_p=config.sampling.top_p,
@@ -37,13 +45,21 @@ class Rollout:
         )
         self.version = 0
         self.rt.policy_version = 0
-        self.announced: WeightsEvent | None = None
-        self.announced_changed = asyncio.Event()
+        self.prefetcher = WeightPrefetcher(runtime.store, config.rollout.prefetch_weights, runtime.actor_id)
+        self.concurrency = config.rollout.concurrent_items if self.engine.concurrent_requests else 1
+        # Generation calls in flight, and whether a swap is holding new ones back (batch boundary).
+        self._generating = 0
+        self._swapping = False
+        self._boundary = asyncio.Condition()
+        self._swap_lock = asyncio.Lock()
 
     async def run(self) -> None:
         await self.rt.subscribe_events(self.rt.names.weights, self.on_weights, DeliverPolicy.LAST)
-        await self.rt.serve_work(ROLLOUT.name, self.handle)
-        await self.rt.wait_stopped()
+        try:
+            await self.rt.serve_work(ROLLOUT.name, self.handle, concurrency=self.concurrency)
+            await self.rt.wait_stopped()
+        finally:
+            self.prefetcher.close()
 
     async def on_weights(self, msg: Msg) -> None:
         try:
@@ -51,56 +67,65 @@ class Rollout:
         except WireError as error:
             self.rt.log.error("bad weights event ignored", error=str(error))
             return
-        if self.announced is None or event.version > self.announced.version:
-            self.announced = event
-            self.announced_changed.set()
+        self.prefetcher.announce(event)
 
     async def ensure_version(self, needed: int) -> None:
         """Swap weights only if the current ones are too old for this item (deferred update)."""
         if self.version >= needed:
             return
-        deadline = time.monotonic() + self.config.rollout.weights_timeout_s
-        while self.announced is None or self.announced.version < needed:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise EngineError(
-                    f"{self.rt.actor_id}: policy version {needed} not announced within "
-                    f"{self.config.rollout.weights_timeout_s} s (is param-sync running?)"
-                )
-            self.announced_changed.clear()
+        async with self._swap_lock:
+            if self.version >= needed:
+                return  # another item's swap already brought them
+            waited = time.time()
+            fetched = await self.prefetcher.wait_for(needed, self.config.rollout.weights_timeout_s)
+            async with self._boundary:
+                self._swapping = True
+                await self._boundary.wait_for(lambda: self._generating == 0)
+            started = time.time()
             try:
-                await asyncio.wait_for(self.announced_changed.wait(), timeout=remaining)
-            except TimeoutError:
-                continue
-        target = self.announced
-        started = time.time()
-        tensors = await asyncio.to_thread(get_weights, self.rt.store, target.weights)
-        await asyncio.to_thread(self.engine.load_weights, tensors.items())
-        self.version = target.version
-        self.rt.policy_version = target.version
-        self.rt.log.info("weights updated", version=target.version, needed=needed, seconds=round(time.time() - started, 3))
+                await asyncio.to_thread(self.engine.load_weights, fetched.tensors.items())
+            finally:
+                async with self._boundary:
+                    self._swapping = False
+                    self._boundary.notify_all()
+            self.version = fetched.version
+            self.rt.policy_version = fetched.version
+            load_s = time.time() - started
+            self.rt.log.info("weights updated", version=fetched.version, needed=needed,
+                             exposed_s=round(time.time() - waited, 4), fetch_wait_s=round(fetched.exposed_fetch_s, 4),
+                             load_s=round(load_s, 4))
+            await self.rt.publish_metrics(f"weights-v{fetched.version}", WEIGHT_SWAP_STAGE, waited, 0)
 
     async def handle(self, item: WorkItem) -> None:
-        started = time.time()
         await self.ensure_version(item.min_version)
+        started = time.time()
         prompts = (await asyncio.to_thread(read_columns, self.rt.store, item.inputs, ("prompt_ids",)))["prompt_ids"]
         sample_ids = item.sample_ids
         seeds = [sample_seed(self.config.run.seed, sid) for sid in sample_ids]
-        generations = await asyncio.to_thread(
-            self.engine.generate, [prompts[sid] for sid in sample_ids], self.params, seeds
-        )
+        async with self._boundary:
+            await self._boundary.wait_for(lambda: not self._swapping)
+            self._generating += 1
+            version = self.version  # the weights these responses come from, whatever swaps next
+        try:
+            generations = await asyncio.to_thread(
+                self.engine.generate, [prompts[sid] for sid in sample_ids], self.params, seeds
+            )
+        finally:
+            async with self._boundary:
+                self._generating -= 1
+                self._boundary.notify_all()
         by_id = dict(zip(sample_ids, generations, strict=True))
-        chunks = await asyncio.to_thread(self._write, item, by_id)
+        chunks = await asyncio.to_thread(self._write, item, by_id, version)
         tokens = sum(len(g.token_ids) for g in generations)
         event = DoneEvent(
             stage=ROLLOUT.name, item_id=item.item_id, actor=self.rt.actor_id, partition=item.partition,
-            groups=item.groups, sample_ids=sample_ids, chunks=chunks, policy_version=self.version,
+            groups=item.groups, sample_ids=sample_ids, chunks=chunks, policy_version=version,
             busy_s=time.time() - started,
         )
         await self.rt.publish(self.rt.names.done(ROLLOUT.name), event, msg_id=f"{item.item_id}-done")
         await self.rt.publish_metrics(item.item_id, ROLLOUT.name, started, len(sample_ids), tokens)
 
-    def _write(self, item: WorkItem, by_id: dict) -> list[ChunkRef]:
+    def _write(self, item: WorkItem, by_id: dict, version: int) -> list[ChunkRef]:
         algo = self.config.algorithm
         chunks = []
         for group in item.groups:
@@ -112,7 +137,7 @@ class Rollout:
             columns = {
                 "response_ids": token_lists([g.token_ids for g in gens]),
                 "behaviour_logprobs": float_lists([g.logprobs for g in gens]),
-                "policy_version": pa.array([self.version] * len(ids), pa.int64()),
+                "policy_version": pa.array([version] * len(ids), pa.int64()),
                 "finish_reason": pa.array([g.finish_reason for g in gens], pa.string()),
             }
             for column, values in columns.items():

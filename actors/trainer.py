@@ -47,7 +47,11 @@ class StepAccumulator:
 
     def add_stats(self, stats: dict[str, float]) -> None:
         for key, value in stats.items():
-            self.stats[key] = self.stats.get(key, 0.0) + value
+            # Engines report sums (added up across micro-batches) and maxima (`*_max`).
+            if key.endswith("_max"):
+                self.stats[key] = max(self.stats.get(key, value), value)
+            else:
+                self.stats[key] = self.stats.get(key, 0.0) + value
 
 
 class Trainer:
@@ -65,7 +69,8 @@ class Trainer:
                          data_parallel=config.trainer.engine.data_parallel,
                          rank_pids=[os.getpid(), *getattr(self.engine, "worker_pids", [])])
         self.loss_fn = functools.partial(
-            grpo_loss, clip_low=self.algo.clip_low, clip_high=self.algo.clip_high, kl_coef=self.algo.kl_coef
+            grpo_loss, clip_low=self.algo.clip_low, clip_high=self.algo.clip_high, kl_coef=self.algo.kl_coef,
+            correction=self.algo.off_policy_correction, weight_cap=self.algo.importance_weight_cap,
         )
         self.step = 0
         self.rt.policy_version = 0
@@ -184,6 +189,7 @@ class Trainer:
         self.rt.log.info("step done", step=step, samples=n, failed=len(acc.failed), reward=event.reward_mean,
                          loss=round(event.loss, 5), grad_norm=round(event.grad_norm, 4),
                          max_staleness=max((step - v for v in acc.versions), default=0),
+                         **_importance_weight_stats(acc.stats),
                          seconds=round(time.time() - acc.started, 2))
         self.step = version
         self.rt.policy_version = version
@@ -203,6 +209,15 @@ class Trainer:
             for msg in held:
                 with contextlib.suppress(Exception):
                     await msg.in_progress()
+
+
+def _importance_weight_stats(stats: dict[str, float]) -> dict[str, float]:
+    """Decoupled off-policy correction: mean behaviour weight and truncated tokens of the step."""
+    tokens = stats.get("importance_weight_tokens", 0.0)
+    if not tokens:
+        return {}
+    return {"importance_weight_mean": round(stats["importance_weight_sum"] / tokens, 4),
+            "importance_weight_truncated": int(stats.get("importance_weight_truncated", 0))}
 
 
 async def run(runtime: ActorRuntime) -> None:

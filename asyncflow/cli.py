@@ -1,4 +1,4 @@
-"""The `asyncflow` command: `run` a whole job, or start one `actor` / `store` / `broker` by hand."""
+"""The `asyncflow` command: `run` a whole job, `report` on one, or start one `actor` / `store` / `broker` by hand."""
 
 from __future__ import annotations
 
@@ -31,6 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     store.add_argument("--capacity-bytes", type=int, default=2 * 1024**3)
     store.add_argument("--location-file", type=Path)
 
+    report = sub.add_parser("report", help="draw a finished run: timeline, throughput, reward, staleness")
+    report.add_argument("run_dir", type=Path, help="the run's directory (run.run_dir)")
+    report.add_argument("--out", type=Path,
+                        help="PNG to write (default RUN_DIR/report.png); the .html and .json go beside it")
+
     broker = sub.add_parser("broker", help="start an embedded NATS server with JetStream and wait")
     broker.add_argument("--store-dir", type=Path, default=Path("runs/broker"))
     broker.add_argument("--host", default="127.0.0.1")
@@ -59,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
             from flight_store.server import serve
 
             serve(args.host, args.port, args.capacity_bytes, args.location_file)
+            return 0
+        if args.command == "report":
+            from asyncflow.report import write_report
+
+            files = write_report(args.run_dir, args.out)
+            print(f"report: {files.png} {files.html} {files.json}")
             return 0
         if args.command == "broker":
             import signal

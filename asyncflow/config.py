@@ -83,6 +83,16 @@ class AlgorithmSettings(_Strict):
     """Divide group-centred rewards by the group's standard deviation (GRPO); False keeps only centring."""
     adv_eps: float = Field(1e-6, gt=0)
     """Added to the group standard deviation to avoid dividing by zero."""
+    off_policy_correction: Literal["ppo_clip", "decoupled"] = "ppo_clip"
+    """How the loss treats samples from an older policy. `ppo_clip`: the PPO ratio is taken against
+    the behaviour logprobs and clipped. `decoupled` (decoupled PPO): the ratio is clipped against the
+    proximal policy (the trainer's weights at this step) and each token is weighted by the truncated
+    importance ratio proximal / behaviour, so stale samples still give a gradient but a bounded one."""
+    importance_weight_cap: float = Field(2.0, gt=0)
+    """`decoupled` only: the behaviour importance weight is truncated at this value."""
+    phase_barrier: bool = False
+    """Benchmark baseline only: the trainer gets a partition only once every group of it has its
+    reward (a barrier between generation and training, as synchronous colocated trainers do)."""
 
 
 class SamplingSettings(_Strict):
@@ -128,6 +138,26 @@ class VLLMInferenceSettings(_Strict):
     """Passed straight to `vllm.LLM(...)` (e.g. enforce_eager, max_num_seqs)."""
 
 
+class SimulatedInferenceSettings(_Strict):
+    type: Literal["simulated"] = "simulated"
+    """BENCHMARK/TEST ENGINE: sleeps instead of generating (random tokens, long-tailed lengths).
+    It models a continuous-batching server with `slots` sequences in flight per instance."""
+    prefill_s: float = Field(0.01, ge=0)
+    """Seconds before a sequence's first token (prefill)."""
+    per_token_s: float = Field(0.002, ge=0)
+    """Seconds per generated token of one sequence (decode step time; independent of batch fill)."""
+    slots: int = Field(64, ge=1)
+    """Sequences one instance decodes at once; more wait for a free slot (FIFO)."""
+    mean_tokens: float = Field(64.0, gt=0)
+    """Mean response length before clipping to [1, sampling.max_new_tokens]."""
+    sigma: float = Field(1.0, ge=0)
+    """Log-normal shape of the length distribution (0: every response has mean_tokens)."""
+    load_s: float = Field(0.0, ge=0)
+    """Seconds a weight swap takes inside the engine."""
+    instance_slowdown: dict[int, float] = Field(default_factory=dict)
+    """Rollout instance index → factor its times are multiplied by (a slow or shared machine)."""
+
+
 class CustomInferenceSettings(_Strict):
     type: Literal["custom"] = "custom"
     """A user engine: any InferenceEngine subclass, loaded by dotted path."""
@@ -138,7 +168,8 @@ class CustomInferenceSettings(_Strict):
 
 
 InferenceEngineSettings = Annotated[
-    HFInferenceSettings | VLLMInferenceSettings | CustomInferenceSettings, Field(discriminator="type")
+    HFInferenceSettings | VLLMInferenceSettings | SimulatedInferenceSettings | CustomInferenceSettings,
+    Field(discriminator="type"),
 ]
 
 
@@ -173,6 +204,19 @@ class MegatronTrainingSettings(_TrainingCommon):
     """Overrides passed straight to megatron's TransformerConfig."""
 
 
+class SimulatedTrainingSettings(_TrainingCommon):
+    type: Literal["simulated"] = "simulated"
+    """BENCHMARK/TEST ENGINE: sleeps in proportion to tokens instead of training."""
+    per_token_s: float = Field(0.0005, ge=0)
+    """Seconds of forward+backward per token on one worker."""
+    workers: int = Field(1, ge=1)
+    """Simulated data-parallel width: forward+backward time is divided by it."""
+    step_s: float = Field(0.0, ge=0)
+    """Seconds per optimizer step."""
+    weights_bytes: int = Field(1 << 20, ge=8)
+    """Size of the (meaningless) weights exported each step, so weight sync moves realistic bytes."""
+
+
 class CustomTrainingSettings(_TrainingCommon):
     type: Literal["custom"] = "custom"
     """A user engine: any TrainingEngine subclass, loaded by dotted path."""
@@ -183,7 +227,8 @@ class CustomTrainingSettings(_TrainingCommon):
 
 
 TrainingEngineSettings = Annotated[
-    HFTrainingSettings | MegatronTrainingSettings | CustomTrainingSettings, Field(discriminator="type")
+    HFTrainingSettings | MegatronTrainingSettings | SimulatedTrainingSettings | CustomTrainingSettings,
+    Field(discriminator="type"),
 ]
 
 
@@ -191,7 +236,17 @@ class RolloutSettings(_Strict):
     instances: int = Field(1, ge=1)
     """Rollout actor processes; each pulls work from the shared queue (faster ones pull more)."""
     groups_per_item: int = Field(1, ge=1)
-    """GRPO groups in one rollout work item (one generation batch)."""
+    """GRPO groups in one rollout work item (one generation batch), when item_tokens is not set."""
+    item_tokens: int | None = Field(None, ge=1)
+    """Token budget of one rollout work item: groups are packed into an item until their
+    samples × (prompt tokens + max_new_tokens) reach it, so items (and instances) are balanced by
+    tokens rather than by counts. None: `groups_per_item` groups per item."""
+    concurrent_items: int = Field(1, ge=1)
+    """Work items one instance generates at once. Above 1 only helps engines that batch requests
+    continuously (the simulated engine); others run one generate call at a time regardless."""
+    prefetch_weights: bool = True
+    """Fetch each newly announced policy version in the background while generating, so a swap
+    at a batch boundary only pays the load into the engine."""
     engine: InferenceEngineSettings = Field(default_factory=HFInferenceSettings)
     """Inference engine adapter, chosen by `type`."""
     weights_timeout_s: float = Field(120.0, gt=0)

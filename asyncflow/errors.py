@@ -85,3 +85,12 @@ class StalenessError(AsyncFlowError):
 
 class RunError(AsyncFlowError):
     """A run cannot make progress (an actor died, a stage stalled, a timeout passed)."""
+
+
+class ReportError(AsyncFlowError):
+    """A run directory lacks a file `asyncflow report` needs, or holds one it cannot read."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason

@@ -69,7 +69,8 @@ def clear_previous_run(run_dir: Path) -> None:
     """A new run in an old run directory starts clean: no stale logs, records, broker state or model."""
     for name in ("logs", "nats", "stores", "trainer", "final"):
         shutil.rmtree(run_dir / name, ignore_errors=True)
-    for name in ("metrics.jsonl", "summary.json", "actors.json", "config.yaml"):
+    for name in ("metrics.jsonl", "spans.jsonl", "summary.json", "actors.json", "config.yaml",
+                 "report.png", "report.html", "report.json"):
         (run_dir / name).unlink(missing_ok=True)
 
 

@@ -3,6 +3,10 @@
 It is what the launcher waits on. It also notices when a run cannot finish: an actor process
 that exited, no optimizer step for `stall_timeout_s` (the error names the stages with pending
 work), or the run's overall timeout.
+
+Besides the per-step rows it keeps what `asyncflow report` draws: every busy span, appended to
+`spans.jsonl` as it arrives, and each actor process's peak resident memory (VmHWM), sampled
+while it waits. `summarize` turns those into `busy_fraction` and `peak_rss_mb` in summary.json.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from asyncflow.config import Config
 from asyncflow.errors import RunError, WireError
 from asyncflow.graph import WORK_STAGES
 from asyncflow.logs import get_logger
+from asyncflow.report import utilisation
 from asyncflow.wire import MetricsEvent, StepEvent, decode
 from broker import RunNames, connect
 
@@ -86,8 +91,30 @@ class MetricsWriter:
         return row
 
 
+class MonitoredRows(list[dict[str, Any]]):
+    """The metrics.jsonl rows of a run, plus what the monitor saw besides steps.
+
+    `Monitor.watch` returns this and the launcher hands it unchanged to `summarize`, so the extra
+    facts reach summary.json without widening the launcher's one-line hand-over. A plain list of
+    rows still summarizes (without busy fractions or memory).
+    """
+
+    def __init__(self, started: float) -> None:
+        super().__init__()
+        self.started = started
+        self.spans: list[MetricsEvent] = []
+        self.peak_rss_mb: dict[str, float] = {}
+        self.actor_roles: dict[str, str] = {}
+        """Actor name → role for every process the launcher started, busy or not."""
+
+
 def summarize(rows: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
-    """summary.json: totals plus mean reward over the first and last 10% of steps."""
+    """summary.json: totals plus mean reward over the first and last 10% of steps.
+
+    From `MonitoredRows` it also gives `started_at` (unix seconds), `busy_fraction` per stage (busy
+    seconds / (wall_s × instances of the stage), each actor's overlapping spans counted once) and
+    `peak_rss_mb` per actor.
+    """
     steps = len(rows)
     window = max(1, round(steps * 0.1))
     rewards = [r["reward_mean"] for r in rows]
@@ -97,7 +124,7 @@ def summarize(rows: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
         return sum(present) / len(present) if present else None
 
     samples = sum(r["samples"] for r in rows)
-    return {
+    summary: dict[str, Any] = {
         "steps": steps,
         "samples": samples,
         "wall_s": round(wall_s, 3),
@@ -107,6 +134,25 @@ def summarize(rows: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
         "max_staleness_seen": max((r["staleness_max"] for r in rows), default=0),
         "failed_samples": sum(r["failed_samples"] for r in rows),
     }
+    if isinstance(rows, MonitoredRows):
+        used = utilisation(rows.spans, rows.started, rows.started + wall_s, rows.actor_roles)
+        summary["started_at"] = round(rows.started, 3)
+        summary["busy_fraction"] = {stage: round(f, 4) for stage, f in sorted(used.stage_fraction.items())}
+        summary["peak_rss_mb"] = dict(sorted(rows.peak_rss_mb.items()))
+    return summary
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """The peak resident set size of process `pid` in MB (10^6 bytes), from /proc/<pid>/status;
+    None where there is no such process or no /proc (not Linux)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):  # "VmHWM:     123456 kB"
+            return round(int(line.split()[1]) * 1024 / 1e6, 1)
+    return None  # a zombie keeps its status file but no memory lines
 
 
 class Monitor:
@@ -115,28 +161,52 @@ class Monitor:
         self.nats_url = nats_url
         self.processes = processes
         self.names = RunNames(config.run.name)
-        self.writer = MetricsWriter(config.run_dir / "metrics.jsonl", started)
+        self.record = MonitoredRows(started)
+        self.record.actor_roles = {actor.name: actor.role for actor in processes}
+        self.writer = MetricsWriter(config.run_dir / "metrics.jsonl", started, rows=self.record)
+        self.spans_path = config.run_dir / "spans.jsonl"
         self.started = started
         self.finished = asyncio.Event()
         self.log = get_logger(run=config.run.name, actor="launcher")
 
-    async def watch(self) -> list[dict[str, Any]]:
-        nc = await connect(self.nats_url, name="asyncflow-launcher")
-        try:
-            js = nc.jetstream(timeout=self.config.broker.request_timeout_s)
-            await nc.subscribe(f"{self.names.prefix}.metrics.>", cb=self._on_metrics)
-            await js.subscribe(self.names.done("trainer"), stream=self.names.events_stream,
-                               ordered_consumer=True, cb=self._on_step, manual_ack=True)
-            await self._wait(js)
-            return self.writer.rows
-        finally:
-            await nc.close()
+    async def watch(self) -> MonitoredRows:
+        # Line-buffered and truncated: a run that fails still leaves its spans, and a run dir
+        # reused for a new run does not mix in the old one's.
+        with self.spans_path.open("w", buffering=1) as self._spans_file:
+            nc = await connect(self.nats_url, name="asyncflow-launcher")
+            try:
+                js = nc.jetstream(timeout=self.config.broker.request_timeout_s)
+                await nc.subscribe(f"{self.names.prefix}.metrics.>", cb=self._on_metrics)
+                await js.subscribe(self.names.done("trainer"), stream=self.names.events_stream,
+                                   ordered_consumer=True, cb=self._on_step, manual_ack=True)
+                await self._wait(js)
+                self._sample_memory()
+                # Spans travel on core NATS (no replay): a round trip to the server and a short
+                # yield let the ones already on their way reach _on_metrics before we disconnect.
+                with contextlib.suppress(Exception):
+                    await nc.flush(timeout=self.config.broker.request_timeout_s)
+                await asyncio.sleep(0.1)
+                return self.record
+            finally:
+                await nc.close()
 
     async def _on_metrics(self, msg: Msg) -> None:
         try:
-            self.writer.add_span(decode(MetricsEvent, msg.data, msg.subject))
+            span = decode(MetricsEvent, msg.data, msg.subject)
         except WireError as error:
             self.log.warning("bad metrics message", error=str(error))
+            return
+        self.writer.add_span(span)
+        self.record.spans.append(span)
+        self._spans_file.write(span.model_dump_json() + "\n")
+
+    def _sample_memory(self) -> None:
+        """Keep each actor's peak RSS; VmHWM is the kernel's own high-water mark, so sampling
+        every half second misses no peak, only the last moments of a process that is stopping."""
+        for actor in self.processes:
+            peak = peak_rss_mb(actor.process.pid)
+            if peak is not None:
+                self.record.peak_rss_mb[actor.name] = max(peak, self.record.peak_rss_mb.get(actor.name, 0.0))
 
     async def _on_step(self, msg: Msg) -> None:
         try:
@@ -161,6 +231,7 @@ class Monitor:
     async def _wait(self, js: Any) -> None:
         deadline = self.started + self.config.run.timeout_s
         while not self.finished.is_set():
+            self._sample_memory()
             for actor in self.processes:
                 code = actor.process.poll()
                 if code is not None:

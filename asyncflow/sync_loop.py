@@ -98,4 +98,6 @@ def _loss(config: Config):  # type: ignore[no-untyped-def]
     algo = config.algorithm
     if algo.kl_coef > 0:
         raise NotImplementedError("the synchronous reference has no reference model; use kl_coef: 0")
-    return functools.partial(grpo_loss, clip_low=algo.clip_low, clip_high=algo.clip_high, kl_coef=0.0)
+    # The same correction as the trainer, so I3 compares one algorithm (here every sample is on-policy).
+    return functools.partial(grpo_loss, clip_low=algo.clip_low, clip_high=algo.clip_high, kl_coef=0.0,
+                             correction=algo.off_policy_correction, weight_cap=algo.importance_weight_cap)

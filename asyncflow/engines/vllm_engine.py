@@ -235,11 +235,34 @@ class VLLMInferenceEngine(InferenceEngine):
             )
             for seed in seeds
         ]
-        try:
-            outputs = self.llm.generate(requests, sampling, use_tqdm=False)
-        except Exception as error:  # e.g. a prompt longer than max_model_len (ValueError)
-            raise EngineError(f"vLLM generate failed: {type(error).__name__}: {error}") from error
+        outputs: list[Any] = []
+        for first, last in self._waves(prompts):
+            try:
+                outputs += self.llm.generate(requests[first:last], sampling[first:last], use_tqdm=False)
+            except Exception as error:  # e.g. a prompt longer than max_model_len (ValueError)
+                raise EngineError(f"vLLM generate failed: {type(error).__name__}: {error}") from error
         return [self._generation(index, output) for index, output in enumerate(outputs)]
+
+    def _waves(self, prompts: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+        """Index ranges of prompts to submit together. On CPU, vLLM 0.32 crashes ("CPU Generator
+        does not use offset") when it splits the prefill of a *seeded* request over two steps,
+        which it does once a step's prompt tokens pass max_num_batched_tokens; so on CPU each wave
+        keeps its prompts (plus one decode token each) within that budget. CUDA needs no split."""
+        if self.device == "cuda":
+            return [(0, len(prompts))]
+        try:
+            budget = int(self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens)
+        except AttributeError:
+            budget = 2048
+        waves, first, used = [], 0, 0
+        for index, prompt in enumerate(prompts):
+            cost = len(prompt) + 1
+            if index > first and used + cost > budget:
+                waves.append((first, index))
+                first, used = index, 0
+            used += cost
+        waves.append((first, len(prompts)))
+        return waves
 
     def _generation(self, index: int, output: Any) -> Generation:
         completion = output.outputs[0]
