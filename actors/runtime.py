@@ -47,6 +47,7 @@ class ActorRuntime:
         self.policy_version: int | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.fatal: BaseException | None = None
+        self._busy_items = 0
         self.timeout_s = config.broker.request_timeout_s
 
     async def __aenter__(self) -> ActorRuntime:
@@ -173,13 +174,32 @@ class ActorRuntime:
         await msg.term()
         self.log.error("work item dead-lettered", stage=stage, deliveries=deliveries, reason=reason)
 
-    async def serve_work(self, stage: str, handler: Callable[[WorkItem], Awaitable[None]]) -> None:
-        """Pull items of `stage` one at a time until stop; ack on success, retry or dead-letter on failure."""
+    async def serve_work(
+        self, stage: str, handler: Callable[[WorkItem], Awaitable[None]], concurrency: int = 1
+    ) -> None:
+        """Pull items of `stage` until stop, at most `concurrency` in flight; ack on success, retry
+        or dead-letter on failure. An instance only pulls when it has room, so faster ones pull more."""
         subscription = await self.pull(stage)
         self.state = "ready"
-        while not self.stop.is_set():
-            for msg in await self.fetch(subscription):
-                await self.handle_one(stage, msg, handler)
+        if concurrency == 1:
+            while not self.stop.is_set():
+                for msg in await self.fetch(subscription):
+                    await self.handle_one(stage, msg, handler)
+            return
+        in_flight: set[asyncio.Task[bool]] = set()
+        try:
+            while not self.stop.is_set():
+                room = concurrency - len(in_flight)
+                if room <= 0:
+                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED, timeout=1.0)
+                    in_flight = {t for t in in_flight if not t.done()}
+                    continue
+                for msg in await self.fetch(subscription, batch=room, timeout_s=0.2 if in_flight else 1.0):
+                    in_flight.add(asyncio.create_task(self.handle_one(stage, msg, handler)))
+                in_flight = {t for t in in_flight if not t.done()}
+        finally:
+            if in_flight:
+                await asyncio.wait(in_flight, timeout=self.timeout_s)
 
     async def handle_one(self, stage: str, msg: Msg, handler: Callable[[WorkItem], Awaitable[None]]) -> bool:
         """Run `handler` on one message with the failure policy; True when it succeeded and was acked."""
@@ -189,6 +209,7 @@ class ActorRuntime:
             await self.dead_letter(stage, msg, str(error))
             return False
         self.state = "busy"
+        self._busy_items += 1
         keepalive = asyncio.create_task(self._keep_in_progress(msg))
         try:
             await handler(item)
@@ -203,7 +224,9 @@ class ActorRuntime:
             return False
         finally:
             keepalive.cancel()
-            self.state = "ready"
+            self._busy_items -= 1
+            if self._busy_items == 0:
+                self.state = "ready"
         await msg.ack_sync(timeout=self.timeout_s)
         return True
 

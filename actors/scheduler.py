@@ -83,15 +83,35 @@ class Scheduler:
     async def _start_partition(self, partition: int) -> None:
         started = time.time()
         groups = [self._new_group(partition, g) for g in range(self.algo.prompts_per_step)]
-        per_item = self.config.rollout.groups_per_item
-        for first in range(0, len(groups), per_item):
-            # Prompts are written and dispatched item by item, so rollout starts on the first one.
-            item_groups = groups[first:first + per_item]
-            await asyncio.to_thread(self._write_prompts, item_groups)
+        # One put per column for the whole partition: per-call overhead, not bytes, dominates here.
+        prompt_lengths = await asyncio.to_thread(self._write_prompts, partition, groups)
+        for item_groups in self._pack_rollout_items(groups, prompt_lengths):
             await self._dispatch(ROLLOUT, item_groups)
         await self.rt.publish_metrics(f"prompt-p{partition}", PROMPT.name, started, self.config.samples_per_step)
         self.rt.log.info("partition admitted", partition=partition, latest_version=self.latest_version,
                          min_version=min_version(partition, self.algo.max_staleness))
+
+    def _pack_rollout_items(self, groups: list[GroupState], prompt_lengths: list[int]) -> list[list[GroupState]]:
+        """Rollout work items: `groups_per_item` groups each, or, with `rollout.item_tokens`, as many
+        consecutive groups as fit the token budget (samples × (prompt + max_new_tokens)), so that
+        every item costs about the same however long its prompts are."""
+        budget = self.config.rollout.item_tokens
+        if budget is None:
+            per_item = self.config.rollout.groups_per_item
+            return [groups[i:i + per_item] for i in range(0, len(groups), per_item)]
+        items: list[list[GroupState]] = []
+        current: list[GroupState] = []
+        used = 0
+        for state, length in zip(groups, prompt_lengths, strict=True):
+            cost = len(state.sample_ids) * (length + self.config.sampling.max_new_tokens)
+            if current and used + cost > budget:
+                items.append(current)
+                current, used = [], 0
+            current.append(state)
+            used += cost
+        if current:
+            items.append(current)
+        return items
 
     def _new_group(self, partition: int, group: int) -> GroupState:
         ids = group_sample_ids(partition, group, self.algo.prompts_per_step, self.algo.samples_per_prompt)
@@ -99,7 +119,9 @@ class Scheduler:
         self.groups[(partition, group)] = state
         return state
 
-    def _write_prompts(self, groups: list[GroupState]) -> None:
+    def _write_prompts(self, partition: int, groups: list[GroupState]) -> list[int]:
+        """Write the partition's prompt_ids and meta columns; returns each group's prompt length."""
+        ids_column, meta_column, sample_ids, lengths = [], [], [], []
         for state in groups:
             index = prompt_index(state.partition, state.group, self.algo.prompts_per_step, len(self.rows),
                                  self.config.run.seed, self.config.data.shuffle)
@@ -108,11 +130,15 @@ class Scheduler:
                                   self.config.data.system_prompt)
             meta = json.dumps({"prompt": row.prompt, "row": index, "fields": row.fields})
             n = len(state.sample_ids)
-            chunk = f"g{state.group}"
-            for column, values in (("prompt_ids", token_lists([ids] * n)), ("meta", pa.array([meta] * n))):
-                state.refs[column] = self.rt.store.put_column(
-                    self.config.run.name, state.partition, column, chunk, state.sample_ids, values
-                )
+            ids_column += [ids] * n
+            meta_column += [meta] * n
+            sample_ids += state.sample_ids
+            lengths.append(len(ids))
+        for column, values in (("prompt_ids", token_lists(ids_column)), ("meta", pa.array(meta_column))):
+            ref = self.rt.store.put_column(self.config.run.name, partition, column, "prompts", sample_ids, values)
+            for state in groups:
+                state.refs[column] = ref
+        return lengths
 
     # -- dispatch by readiness --------------------------------------------------------------
 
@@ -124,7 +150,7 @@ class Scheduler:
             partition=partition,
             groups=[g.group for g in groups],
             sample_ids=[sid for g in groups for sid in g.live_ids],
-            inputs=[g.refs[c] for g in groups for c in stage.inputs if c in g.refs],
+            inputs=_unique_refs([g.refs[c] for g in groups for c in stage.inputs if c in g.refs]),
             min_version=min_version(partition, self.algo.max_staleness),
             failed={sid: reason for g in groups for sid, reason in g.failed.items()},
         )
@@ -135,7 +161,18 @@ class Scheduler:
     async def _advance(self, state: GroupState) -> None:
         for stage in GRPO_GRAPH:
             if stage.inputs and stage.name not in state.dispatched and state.ready_for(stage):
-                await self._dispatch(stage, [state])
+                if stage is TRAINER and self.algo.phase_barrier:
+                    await self._release_partition_to_trainer(state.partition)
+                else:
+                    await self._dispatch(stage, [state])
+
+    async def _release_partition_to_trainer(self, partition: int) -> None:
+        """Baseline mode (`phase_barrier`): the trainer gets nothing until every group is ready."""
+        groups = [g for (p, _), g in self.groups.items() if p == partition]
+        if len(groups) == self.algo.prompts_per_step and all(g.ready_for(TRAINER) for g in groups):
+            for group in groups:
+                if TRAINER.name not in group.dispatched:
+                    await self._dispatch(TRAINER, [group])
 
     # -- events -----------------------------------------------------------------------------
 
@@ -201,3 +238,11 @@ class Scheduler:
 
 async def run(runtime: ActorRuntime) -> None:
     await Scheduler(runtime).run()
+
+
+def _unique_refs(refs: list[ChunkRef]) -> list[ChunkRef]:
+    """Several groups can share one chunk (the partition's prompts): list each chunk once."""
+    seen: dict[str, ChunkRef] = {}
+    for ref in refs:
+        seen.setdefault(ref.key, ref)
+    return list(seen.values())
