@@ -232,6 +232,14 @@ TrainingEngineSettings = Annotated[
 ]
 
 
+def _default_engine_type(data: Any) -> Any:
+    """An `engine` section without `type` means the default engine (hf), so `--set
+    rollout.engine.device=cuda` works without also naming the type."""
+    if isinstance(data, dict) and isinstance(data.get("engine"), dict) and "type" not in data["engine"]:
+        data = {**data, "engine": {"type": "hf", **data["engine"]}}
+    return data
+
+
 class RolloutSettings(_Strict):
     instances: int = Field(1, ge=1)
     """Rollout actor processes; each pulls work from the shared queue (faster ones pull more)."""
@@ -247,6 +255,8 @@ class RolloutSettings(_Strict):
     prefetch_weights: bool = True
     """Fetch each newly announced policy version in the background while generating, so a swap
     at a batch boundary only pays the load into the engine."""
+
+    _engine_type = model_validator(mode="before")(_default_engine_type)
     engine: InferenceEngineSettings = Field(default_factory=HFInferenceSettings)
     """Inference engine adapter, chosen by `type`."""
     weights_timeout_s: float = Field(120.0, gt=0)
@@ -256,6 +266,8 @@ class RolloutSettings(_Strict):
 class TrainerSettings(_Strict):
     engine: TrainingEngineSettings = Field(default_factory=HFTrainingSettings)
     """Training engine adapter, chosen by `type`."""
+
+    _engine_type = model_validator(mode="before")(_default_engine_type)
     save_final: bool = True
     """Write the final model in HF format to `<run_dir>/final`."""
 

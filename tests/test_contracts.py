@@ -94,8 +94,15 @@ def test_load_config_file_errors(tmp_path: Path):
 
 
 def test_shipped_configs_parse():
-    for path in Path(__file__).parent.parent.glob("examples/*.yaml"):
+    root = Path(__file__).parent.parent
+    for path in [*root.glob("examples/*.yaml"), *root.glob("bench/configs/*.yaml")]:
         load_config(path)
+
+
+def test_engine_section_without_type_is_the_default_engine():
+    config = parse_config(_minimal(), overrides={"rollout.engine.device": "cuda", "trainer.engine.lr": 0.1})
+    assert (config.rollout.engine.type, config.rollout.engine.device) == ("hf", "cuda")
+    assert (config.trainer.engine.type, config.trainer.engine.lr) == ("hf", 0.1)
 
 
 def test_staleness_admission_window():

@@ -210,3 +210,35 @@ def test_stuck_worker_times_out_naming_it(
     finally:
         dp.close()  # must kill a stopped worker too
     assert _children_besides(others) == []
+
+
+# ------------------------------------------------------------------------------------ CUDA
+CUDA_SETTINGS = SETTINGS.model_copy(update={"device": "cuda"})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_ranks_need_a_gpu_each(model_path: Path) -> None:
+    if torch.cuda.device_count() >= CUDA_SETTINGS.data_parallel:
+        pytest.skip("this machine has a GPU for every rank")
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    started = time.monotonic()
+    with pytest.raises(EngineError, match="GPU"):
+        make_training_engine(CUDA_SETTINGS, model_path, seed=0)
+    assert time.monotonic() - started < 60
+    assert _children_besides(before) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL ranks take one GPU each)")
+def test_cuda_two_ranks_match_one_process(model_path: Path) -> None:
+    single = make_local_training_engine(CUDA_SETTINGS.model_copy(update={"data_parallel": 1}), model_path, seed=0)
+    with DataParallelTrainingEngine(CUDA_SETTINGS, model_path, seed=0, init_timeout_s=300, timeout_s=120) as dp:
+        for step in range(2):
+            groups = [_batch(single, 4, seed=10 * step + 2), _batch(single, 1, seed=10 * step + 3)]
+            _step_both(dp, single, groups)
+            assert _max_weight_diff(_weights(dp), _weights(single)) < WEIGHT_ATOL
+        batch = _batch(single, 5, seed=9)
+        got = dp.compute_logprobs(batch.prompt_ids, batch.response_ids)
+        want = single.compute_logprobs(batch.prompt_ids, batch.response_ids)
+        assert max(abs(x - y) for a, b in zip(got, want, strict=True) for x, y in zip(a, b, strict=True)) < 1e-5

@@ -321,3 +321,21 @@ def test_cuda_bfloat16_training_step(models: dict[str, Path]) -> None:
     assert engine.optimizer_step(1.0 / len(batch))["grad_norm"] > 0
     weights = dict(engine.export_weights())
     assert all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in weights.values())
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cpu_and_cuda_engines_share_a_process(models: dict[str, Path]) -> None:
+    """A CPU engine next to a CUDA one (a test run, a CPU reference beside a GPU policy): each
+    keeps its own device for Megatron's scratch buffers and RNG tracker, called in either order."""
+    hf = HFTrainingEngine(models["qwen2"], HFTrainingSettings())
+    want = hf.compute_logprobs(PROMPTS, RESPONSES)
+    on_cpu = MegatronTrainingEngine(models["qwen2"], MegatronTrainingSettings())
+    on_gpu = MegatronTrainingEngine(models["qwen2"], MegatronTrainingSettings(device="cuda"))
+    for engine in (on_cpu, on_gpu, on_cpu, on_gpu):
+        assert _max_diff(engine.compute_logprobs(PROMPTS, RESPONSES), want) < 1e-4
+    batch = _batch(hf)
+    for engine in (on_gpu, on_cpu):
+        assert engine.forward_backward(batch, LOSS_FN)["samples"] == 3
+        assert engine.optimizer_step(1.0 / len(batch))["grad_norm"] > 0
+    assert isinstance(torch.cuda.current_device(), int)  # the CPU engine's patch is gone again

@@ -143,6 +143,39 @@ def _rank_device(device: str, rank: int) -> str:
     return f"cuda:{(int(index) if index else 0) + rank}"
 
 
+def _check_gpus(device: str, world: int) -> None:
+    """Fail at once, naming the GPUs, when a CUDA rank would have no GPU of its own.
+
+    NCCL refuses two ranks on one GPU, and a rank asking for a GPU past the last one only fails
+    deep in its start-up; both are a configuration error, so say so before spawning anything.
+    """
+    if not device.startswith("cuda"):
+        return
+    base = int(device.partition(":")[2] or 0)
+    count = torch.cuda.device_count()
+    if base + world > count:
+        raise EngineError(
+            f"data_parallel={world} on device {device!r} needs one GPU per rank (cuda:{base}..cuda:{base + world - 1}), "
+            f"but torch sees {count} GPU(s); lower trainer.engine.data_parallel or pick another device"
+        )
+
+
+def _ready_key(rank: int) -> str:
+    return f"asyncflow-data-parallel/ready/{rank}"
+
+
+def _ready_then_group(backend: str, store: dist.TCPStore, world: int, timeout: timedelta, use_default: bool) -> _Group:
+    """Rank 0's side of the group, created once every worker is about to create its own.
+
+    The group's connection handshake waits only `timeout` (the per-call timeout, seconds in
+    tests) for the peers, while a worker's spawn and imports can take longer (a CUDA build of
+    torch loads its libraries first); the store's own wait runs under the start-up timeout.
+    """
+    if world > 1:
+        store.wait([_ready_key(rank) for rank in range(1, world)])
+    return _Group(backend, store, 0, world, timeout, use_default)
+
+
 def _group_count() -> int | None:
     return getattr(getattr(dist.distributed_c10d, "_world", None), "group_count", None)
 
@@ -319,6 +352,7 @@ def _worker_main(rank: int, init: _WorkerInit, conn: Connection) -> None:
         store = dist.TCPStore("127.0.0.1", init.store_port, init.world, is_master=False, timeout=timeout)
         if init.use_default_group:
             _set_group_count(init.group_count)
+        store.set(_ready_key(rank), "1")  # rank 0 creates its side of the group only once all are here
         group = _Group(_backend(settings.device), store, rank, init.world, timeout, init.use_default_group)
         replica = _make_replica(init, settings)
         params = trainable_parameters(replica)
@@ -398,6 +432,7 @@ class DataParallelTrainingEngine(TrainingEngine):
         and each collective. Both only matter for a live but stuck rank: a dead one is noticed
         within about `_POLL_S`.
         """
+        _check_gpus(settings.device, settings.data_parallel)
         self.world = settings.data_parallel
         self.settings = settings
         self.timeout_s = timeout_s
@@ -438,7 +473,7 @@ class DataParallelTrainingEngine(TrainingEngine):
             stash: dict[int, Any] = {}
             store = self._store
             self._group = self._watched(
-                "start-up", lambda: _Group(backend, store, 0, self.world, timeout, use_default),
+                "start-up", lambda: _ready_then_group(backend, store, self.world, timeout, use_default),
                 0, deadline, self._workers, stash,
             )
             self._replica = _make_replica(init, _replica_settings(settings, 0))

@@ -16,8 +16,14 @@ CPU: Megatron-core assumes CUDA in three places that a forward/backward reaches:
 `torch.cuda.current_device()` (RoPE frequencies, the attention score buffer), the CUDA RNG
 state tracker (the attention-dropout fork) and the default causal mask (built on "cuda"). The
 engine always passes its own causal mask; on a CPU device it answers `current_device()` with
-the CPU for the duration of its own forward/backward calls, and where CUDA is absent it installs
-a CPU RNG tracker. On a CUDA device Megatron runs unmodified.
+the CPU and swaps in a CPU RNG tracker for the duration of its own forward/backward calls
+(where CUDA is absent that tracker is also installed for good). Where CUDA is present it also
+swaps in a scratch-buffer pool of its own: Megatron caches the attention score buffer in a
+process-wide pool keyed by dtype alone, so CPU and CUDA engines in one process would otherwise
+be handed each other's buffers. On a CUDA device Megatron runs unmodified.
+
+Half precision: the model is cast to the engine's dtype as a whole, as Megatron's Float16Module
+does; the local spec's RMSNorm would otherwise keep float32 weights in a bf16 model.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ try:
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.tensor_parallel import random as megatron_random
+    from megatron.core.utils import GlobalMemoryBuffer
 except ImportError as error:  # pragma: no cover - exercised only without the extra installed
     raise EngineError(
         f"the Megatron training engine needs megatron-core (install the `megatron` extra): {error}"
@@ -116,20 +123,36 @@ class _CPURNGTracker:
                 self.states_[name] = torch.get_rng_state()
 
 
+_cpu_rng_tracker: _CPURNGTracker | None = None
+"""The CPU tracker CPU engines fork from (swapped in during their calls on a CUDA machine)."""
+
+
 def _install_cpu_rng_tracker(seed: int) -> None:
-    """Replace Megatron's process-wide CUDA RNG tracker by a CPU one, seeded like
-    `model_parallel_cuda_manual_seed` (TP rank 0, EP rank 0)."""
+    """Seed the CPU RNG tracker like `model_parallel_cuda_manual_seed` (TP rank 0, EP rank 0).
+
+    Without CUDA it also replaces Megatron's process-wide CUDA tracker for good. With CUDA the
+    process-wide tracker stays CUDA's (a CUDA engine in this process needs it) and
+    `_cpu_as_current_device` swaps the CPU one in only while a CPU engine runs: Megatron's CUDA
+    tracker asks `torch.cuda.current_device()` for a GPU index, which that context answers
+    with the CPU.
+    """
+    global _cpu_rng_tracker
     tracker = _CPURNGTracker()
     tracker.add(megatron_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
     tracker.add(megatron_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718)
     tracker.add(megatron_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024)
-    megatron_random._CUDA_RNG_STATE_TRACKER = tracker
-    megatron_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    _cpu_rng_tracker = tracker
+    if not torch.cuda.is_available():
+        megatron_random._CUDA_RNG_STATE_TRACKER = tracker
+        megatron_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
 
 _device_lock = threading.Lock()
 _device_depth = 0
 _saved_current_device: Callable[[], Any] | None = None
+_saved_rng_tracker: tuple[Any, bool] | None = None
+_saved_memory_buffer: tuple[Any] | None = None
+_cpu_memory_buffer: Any = None
 
 
 def _cpu_current_device() -> torch.device:
@@ -138,19 +161,33 @@ def _cpu_current_device() -> torch.device:
 
 @contextlib.contextmanager
 def _cpu_as_current_device() -> Iterator[None]:
-    """Make `torch.cuda.current_device()` answer the CPU while the body runs.
+    """Make `torch.cuda.current_device()` answer the CPU, and Megatron's RNG tracker be the CPU
+    one, while the body runs.
 
     Megatron allocates its attention score buffer and RoPE frequencies on that device, so a CPU
     engine needs the answer to be the CPU. Without CUDA the real call would raise, so nothing
-    that works is changed. Reference-counted: nested or concurrent engine calls restore the
-    original exactly once (other threads see the CPU answer meanwhile; on a machine without
-    CUDA that only turns an error into "cpu").
+    that works is changed, and the tracker is the CPU one already. Reference-counted: nested or
+    concurrent engine calls restore the originals exactly once (other threads see the CPU
+    answers meanwhile, so a CUDA engine must not run concurrently with a CPU one).
+    Where CUDA is present, Megatron's global scratch-buffer pool is swapped for a CPU one too.
     """
-    global _device_depth, _saved_current_device
+    global _device_depth, _saved_current_device, _saved_rng_tracker, _saved_memory_buffer, _cpu_memory_buffer
     with _device_lock:
         if _device_depth == 0:
             _saved_current_device = torch.cuda.current_device
             torch.cuda.current_device = _cpu_current_device  # type: ignore[assignment]
+            _saved_rng_tracker = (
+                megatron_random._CUDA_RNG_STATE_TRACKER,
+                megatron_random._CUDA_RNG_STATE_TRACKER_INITIALIZED,
+            )
+            if _cpu_rng_tracker is not None:
+                megatron_random._CUDA_RNG_STATE_TRACKER = _cpu_rng_tracker
+                megatron_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+            if torch.cuda.is_available():
+                if _cpu_memory_buffer is None:
+                    _cpu_memory_buffer = GlobalMemoryBuffer()
+                _saved_memory_buffer = (parallel_state._GLOBAL_MEMORY_BUFFER,)
+                parallel_state._GLOBAL_MEMORY_BUFFER = _cpu_memory_buffer
         _device_depth += 1
     try:
         yield
@@ -160,6 +197,15 @@ def _cpu_as_current_device() -> Iterator[None]:
             if _device_depth == 0 and _saved_current_device is not None:
                 torch.cuda.current_device = _saved_current_device  # type: ignore[assignment]
                 _saved_current_device = None
+            if _device_depth == 0 and _saved_rng_tracker is not None:
+                (
+                    megatron_random._CUDA_RNG_STATE_TRACKER,
+                    megatron_random._CUDA_RNG_STATE_TRACKER_INITIALIZED,
+                ) = _saved_rng_tracker
+                _saved_rng_tracker = None
+            if _device_depth == 0 and _saved_memory_buffer is not None:
+                (parallel_state._GLOBAL_MEMORY_BUFFER,) = _saved_memory_buffer
+                _saved_memory_buffer = None
 
 
 # ------------------------------------------------------------------------- distributed set-up
@@ -228,7 +274,7 @@ class MegatronTrainingEngine(TorchTrainingEngine):
 
         _ensure_parallel_state(self.device)
         torch.manual_seed(seed)
-        if self._on_cpu and not torch.cuda.is_available():
+        if self._on_cpu:
             _install_cpu_rng_tracker(seed)
         else:
             megatron_tp.model_parallel_cuda_manual_seed(seed)
@@ -253,7 +299,7 @@ class MegatronTrainingEngine(TorchTrainingEngine):
             pre_process=True,
             post_process=True,
             **gpt_model_kwargs_from_hf(self.hf_config),
-        ).to(self.device)
+        ).to(device=self.device, dtype=self.dtype)  # a no-op cast in float32
         self._load_hf_weights(hf_weights)
         self.model.train()
 
