@@ -78,9 +78,11 @@ class Rollout:
                 return  # another item's swap already brought them
             waited = time.time()
             fetched = await self.prefetcher.wait_for(needed, self.config.rollout.weights_timeout_s)
+            fetched_at = time.time()
             async with self._boundary:
                 self._swapping = True
-                await self._boundary.wait_for(lambda: self._generating == 0)
+                if self.config.rollout.drain_before_swap:
+                    await self._boundary.wait_for(lambda: self._generating == 0)
             started = time.time()
             try:
                 await asyncio.to_thread(self.engine.load_weights, fetched.tensors.items())
@@ -90,11 +92,16 @@ class Rollout:
                     self._boundary.notify_all()
             self.version = fetched.version
             self.rt.policy_version = fetched.version
-            load_s = time.time() - started
+            now = time.time()
             self.rt.log.info("weights updated", version=fetched.version, needed=needed,
-                             exposed_s=round(time.time() - waited, 4), fetch_wait_s=round(fetched.exposed_fetch_s, 4),
-                             load_s=round(load_s, 4))
-            await self.rt.publish_metrics(f"weights-v{fetched.version}", WEIGHT_SWAP_STAGE, waited, 0)
+                             wait_for_weights_s=round(fetched_at - waited, 4), drain_s=round(started - fetched_at, 4),
+                             load_s=round(now - started, 4))
+            # On the timeline a swap is the wait for the weights plus the load; while the items in
+            # flight drain, the instance is still generating (their own spans show it).
+            if fetched_at - waited > 0.001:
+                await self.rt.publish_metrics(f"weights-v{fetched.version}-fetch", WEIGHT_SWAP_STAGE, waited, 0,
+                                              end=fetched_at)
+            await self.rt.publish_metrics(f"weights-v{fetched.version}", WEIGHT_SWAP_STAGE, started, 0)
 
     async def handle(self, item: WorkItem) -> None:
         await self.ensure_version(item.min_version)

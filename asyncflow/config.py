@@ -255,12 +255,18 @@ class RolloutSettings(_Strict):
     prefetch_weights: bool = True
     """Fetch each newly announced policy version in the background while generating, so a swap
     at a batch boundary only pays the load into the engine."""
-
-    _engine_type = model_validator(mode="before")(_default_engine_type)
+    drain_before_swap: bool = True
+    """With several items in flight: a weight swap waits for them to finish first (a clean batch
+    boundary: every response comes from one policy version). False swaps at once, as AReaL's
+    interruptible rollout does: in-flight responses finish on the new weights, keep the older
+    version as their label (so I1 is checked conservatively) and their per-token behaviour
+    logprobs stay exact. It saves the drain, which a long tail makes long."""
     engine: InferenceEngineSettings = Field(default_factory=HFInferenceSettings)
     """Inference engine adapter, chosen by `type`."""
     weights_timeout_s: float = Field(120.0, gt=0)
     """Longest wait for a policy version the staleness bound requires."""
+
+    _engine_type = model_validator(mode="before")(_default_engine_type)
 
 
 class TrainerSettings(_Strict):

@@ -9,6 +9,7 @@ only the engines differ between scenarios, and within a scenario only the settin
 |-------|----------------------------------------------------------------------------|-----------------------------------------------------------|
 | sync  | verl-style colocated baseline: all W workers generate, barrier, all W train | k = 0, `phase_barrier`, W rollout instances, trainer on W |
 | k1/k2 | AsyncFlow: R workers generate, T train, streaming, at most k versions stale | k = 1 / 2, R rollout instances, trainer on T (R + T = W)  |
+| kN-nodrain | the same, swapping weights without draining the items in flight        | `rollout.drain_before_swap: false`                        |
 
 The same total workers W and the same samples (same seed, same prompts) in every mode. In the
 synchronous mode the rollout instances and the trainer are never busy at once (k = 0 and the
@@ -77,10 +78,11 @@ def mode_overrides(scenario: str, mode: str, steps: int) -> dict[str, Any]:
         "run.name": f"bench-{scenario}-{mode}",
         "run.run_dir": f"runs/bench-pipeline/{scenario}-{mode}",
         "run.steps": steps,
-        "algorithm.max_staleness": 0 if sync else int(mode.removeprefix("k")),
+        "algorithm.max_staleness": 0 if sync else int(mode.removeprefix("k").removesuffix("-nodrain")),
         "algorithm.phase_barrier": sync,
         "rollout.instances": rollout,
         "trainer.save_final": False,
+        "rollout.drain_before_swap": not mode.endswith("-nodrain"),
     }
     if scenario == "sim":
         overrides["trainer.engine.workers"] = trainer

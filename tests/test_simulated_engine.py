@@ -96,13 +96,16 @@ def test_simulated_training_sleeps_per_token_and_exports_sized_weights(tiny_mode
 
 
 @pytest.mark.slow
-def test_simulated_pipeline_streams_and_faster_instances_pull_more(tmp_path, tiny_model_dir, arith_dataset):
-    """Two rollout instances, the second 4× slower: the run completes, exactly once, I1 holds, and
-    the fast instance generated most items (items are pulled, not assigned)."""
+@pytest.mark.parametrize("drain", [True, False])
+def test_simulated_pipeline_streams_and_faster_instances_pull_more(tmp_path, tiny_model_dir, arith_dataset, drain):
+    """Two rollout instances, the second 4× slower, several items in flight each, weight swaps with
+    and without draining them: the run completes, exactly once, I1 holds, and the fast instance
+    generated most items (items are pulled, not assigned)."""
     steps, prompts, group, k = 4, 8, 4, 1
     config = make_tiny_config(
-        tmp_path, tiny_model_dir, arith_dataset, k, "sim-slow", steps=steps, prompts=prompts, group=group,
-        rollout={"instances": 2, "concurrent_items": 2,
+        tmp_path, tiny_model_dir, arith_dataset, k, f"sim-slow-{drain}".lower(), steps=steps, prompts=prompts,
+        group=group,
+        rollout={"instances": 2, "concurrent_items": 2, "drain_before_swap": drain,
                  "engine": {"type": "simulated", "slots": 8, "per_token_s": 0.01, "mean_tokens": 6,
                             "instance_slowdown": {1: 4.0}}},
         trainer={"save_final": False, "engine": {"type": "simulated", "per_token_s": 0.0005}},
