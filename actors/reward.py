@@ -66,8 +66,9 @@ class Reward:
             groups=item.groups, sample_ids=sorted(rewards), chunks=chunks, failed=failed,
             busy_s=time.time() - started,
         )
+        finished = time.time()  # before the event: downstream work can only start after it
         await self.rt.publish(self.rt.names.done(REWARD.name), event, msg_id=f"{item.item_id}-done")
-        await self.rt.publish_metrics(item.item_id, REWARD.name, started, len(item.sample_ids))
+        await self.rt.publish_metrics(item.item_id, REWARD.name, started, len(item.sample_ids), end=finished)
 
     def _write(self, item: WorkItem, rewards: dict[int, float]) -> list[ChunkRef]:
         algo = self.config.algorithm

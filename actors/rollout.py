@@ -129,8 +129,9 @@ class Rollout:
             groups=item.groups, sample_ids=sample_ids, chunks=chunks, policy_version=version,
             busy_s=time.time() - started,
         )
+        finished = time.time()  # before the event: downstream work can only start after it
         await self.rt.publish(self.rt.names.done(ROLLOUT.name), event, msg_id=f"{item.item_id}-done")
-        await self.rt.publish_metrics(item.item_id, ROLLOUT.name, started, len(sample_ids), tokens)
+        await self.rt.publish_metrics(item.item_id, ROLLOUT.name, started, len(sample_ids), tokens, end=finished)
 
     def _write(self, item: WorkItem, by_id: dict, version: int) -> list[ChunkRef]:
         algo = self.config.algorithm

@@ -16,6 +16,24 @@ def group_sample_ids(partition: int, group: int, prompts_per_step: int, samples_
     return list(range(first, first + samples_per_prompt))
 
 
+def pack_by_budget(costs: list[int], budget: int) -> list[list[int]]:
+    """Split indices 0..n-1, in order, into consecutive runs whose costs add up to at most
+    `budget` (a single item costlier than the budget gets a run of its own). Rollout work items
+    are packed this way by estimated tokens, so each costs about the same."""
+    runs: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for index, cost in enumerate(costs):
+        if current and used + cost > budget:
+            runs.append(current)
+            current, used = [], 0
+        current.append(index)
+        used += cost
+    if current:
+        runs.append(current)
+    return runs
+
+
 def group_of(sample_id: int, prompts_per_step: int, samples_per_prompt: int) -> int:
     """Index of the sample's group within its partition."""
     return (sample_id // samples_per_prompt) % prompts_per_step

@@ -134,3 +134,15 @@ def test_sample_layout_is_dense_and_unique():
     epoch0 = orders[0][:10]
     assert sorted(epoch0) == list(range(10))  # each epoch visits every prompt once
     assert sample_seed(0, 1) != sample_seed(0, 2) and sample_seed(0, 1) != sample_seed(1, 1)
+
+
+def test_rollout_items_are_packed_by_token_budget():
+    from asyncflow.partitions import pack_by_budget
+
+    # Groups of 8 samples, prompts of different lengths, max_new_tokens 16: costs 8 × (prompt + 16).
+    costs = [8 * (length + 16) for length in (4, 4, 60, 4, 4, 4, 200, 4)]
+    runs = pack_by_budget(costs, budget=8 * 3 * 20)
+    assert [i for run in runs for i in run] == list(range(8))  # every group once, in order
+    assert all(sum(costs[i] for i in run) <= 8 * 3 * 20 or len(run) == 1 for run in runs)
+    assert [len(run) for run in runs] == [2, 1, 3, 1, 1]  # long prompts get items of their own
+    assert pack_by_budget([], 10) == [] and pack_by_budget([5, 5, 5], 100) == [[0, 1, 2]]

@@ -139,7 +139,9 @@ def test_phase_barrier_baseline_trains_only_after_every_reward(tmp_path, tiny_mo
         config = make_tiny_config(
             tmp_path, tiny_model_dir, arith_dataset, 0, name, steps=3, prompts=6, group=4,
             algorithm={"phase_barrier": barrier},
-            rollout={"instances": 2, "engine": {"type": "simulated", "slots": 4, "per_token_s": 0.01,
+            # Groups cost 4 × (prompt ≈ 6 + 24) tokens: a 250-token budget packs two per item.
+            rollout={"instances": 2, "item_tokens": 250,
+                     "engine": {"type": "simulated", "slots": 4, "per_token_s": 0.01,
                                                 "mean_tokens": 6, "instance_slowdown": {1: 4.0}}},
             trainer={"save_final": False, "engine": {"type": "simulated", "per_token_s": 0.0005}},
             sampling={"max_new_tokens": 24},
@@ -148,6 +150,7 @@ def test_phase_barrier_baseline_trains_only_after_every_reward(tmp_path, tiny_mo
         assert run(config)["steps"] == 3
         assert sorted(r["sample_id"] for r in read_records(config.run_dir)) == list(range(3 * 6 * 4))
         spans_of[barrier] = [json.loads(line) for line in (config.run_dir / "spans.jsonl").read_text().splitlines()]
+        assert {s["samples"] for s in spans_of[barrier] if s["stage"] == "rollout"} == {8}
 
     def first_training_before_last_reward(spans: list[dict]) -> list[bool]:
         out = []
