@@ -6,8 +6,10 @@ boundary, only when the bound requires it. Every announced version is prefetched
 the background meanwhile (`actors/weight_prefetch.py`), so a swap exposes only the engine load.
 
 With `rollout.concurrent_items` > 1 and an engine that batches requests continuously, several
-items are generated at once; a swap then waits for the items in flight to finish (the batch
-boundary) and holds new ones back until the new weights are in.
+items are generated at once. A swap holds new items back until the new weights are in; the items
+in flight either finish on the new weights (default, as AReaL's interruptible rollout; they keep
+the version they started with as their label) or, with `rollout.drain_before_swap`, are waited
+for first.
 """
 
 from __future__ import annotations

@@ -148,10 +148,13 @@ class SimulatedInferenceSettings(_Strict):
     """Seconds per generated token of one sequence (decode step time; independent of batch fill)."""
     slots: int = Field(64, ge=1)
     """Sequences one instance decodes at once; more wait for a free slot (FIFO)."""
-    mean_tokens: float = Field(64.0, gt=0)
-    """Mean response length before clipping to [1, sampling.max_new_tokens]."""
+    mean_tokens: float = Field(128.0, gt=0)
+    """Mean response length before clipping to [1, sampling.max_new_tokens]. Default from
+    `bench/response_lengths.py` (SmolLM2-135M-Instruct with vLLM, chat prompts, T = 0.7): the
+    responses that ended on their own fit a log-normal of mean ~128 tokens."""
     sigma: float = Field(1.0, ge=0)
-    """Log-normal shape of the length distribution (0: every response has mean_tokens)."""
+    """Log-normal shape of the length distribution (0: every response has mean_tokens). The same
+    measurement gave 1.05 (a lower bound: 40% of responses ran into the 384-token limit)."""
     load_s: float = Field(0.0, ge=0)
     """Seconds a weight swap takes inside the engine."""
     instance_slowdown: dict[int, float] = Field(default_factory=dict)
@@ -255,12 +258,14 @@ class RolloutSettings(_Strict):
     prefetch_weights: bool = True
     """Fetch each newly announced policy version in the background while generating, so a swap
     at a batch boundary only pays the load into the engine."""
-    drain_before_swap: bool = True
-    """With several items in flight: a weight swap waits for them to finish first (a clean batch
-    boundary: every response comes from one policy version). False swaps at once, as AReaL's
-    interruptible rollout does: in-flight responses finish on the new weights, keep the older
-    version as their label (so I1 is checked conservatively) and their per-token behaviour
-    logprobs stay exact. It saves the drain, which a long tail makes long."""
+    drain_before_swap: bool = False
+    """With several items in flight (continuous-batching engines): False swaps the weights at once,
+    as AReaL's interruptible rollout does. In-flight responses finish on the new weights, keep the
+    version they started with as their label and their exact per-token behaviour logprobs, so I1
+    holds for every token (the label is the oldest version involved) and the off-policy correction
+    stays exact. True waits for the items in flight to finish first (every response from one
+    version); with a long tail that drain idles most of the instance (bench/pipeline.py: k2-drain).
+    With one item at a time, as with the HF and vLLM adapters, the two are the same."""
     engine: InferenceEngineSettings = Field(default_factory=HFInferenceSettings)
     """Inference engine adapter, chosen by `type`."""
     weights_timeout_s: float = Field(120.0, gt=0)

@@ -9,7 +9,7 @@ only the engines differ between scenarios, and within a scenario only the settin
 |-------|----------------------------------------------------------------------------|-----------------------------------------------------------|
 | sync  | verl-style colocated baseline: all W workers generate, barrier, all W train | k = 0, `phase_barrier`, W rollout instances, trainer on W |
 | k1/k2 | AsyncFlow: R workers generate, T train, streaming, at most k versions stale | k = 1 / 2, R rollout instances, trainer on T (R + T = W)  |
-| kN-nodrain | the same, swapping weights without draining the items in flight        | `rollout.drain_before_swap: false`                        |
+| kN-drain | the same, but a weight swap first drains the items in flight           | `rollout.drain_before_swap: true`                         |
 
 The same total workers W and the same samples (same seed, same prompts) in every mode. In the
 synchronous mode the rollout instances and the trainer are never busy at once (k = 0 and the
@@ -69,20 +69,20 @@ class ModeResult:
     speedup_vs_sync: float | None = None
 
 
-def mode_overrides(scenario: str, mode: str, steps: int) -> dict[str, Any]:
+def mode_overrides(scenario: str, mode: str, steps: int, out_dir: Path) -> dict[str, Any]:
     spec = SCENARIOS[scenario]
     sync = mode == "sync"
     rollout = spec["workers"] if sync else spec["rollout"]
     trainer = spec["workers"] if sync else spec["trainer"]
     overrides: dict[str, Any] = {
         "run.name": f"bench-{scenario}-{mode}",
-        "run.run_dir": f"runs/bench-pipeline/{scenario}-{mode}",
+        "run.run_dir": str(out_dir / f"{scenario}-{mode}"),
         "run.steps": steps,
-        "algorithm.max_staleness": 0 if sync else int(mode.removeprefix("k").removesuffix("-nodrain")),
+        "algorithm.max_staleness": 0 if sync else int(mode.removeprefix("k").removesuffix("-drain")),
         "algorithm.phase_barrier": sync,
         "rollout.instances": rollout,
         "trainer.save_final": False,
-        "rollout.drain_before_swap": not mode.endswith("-nodrain"),
+        "rollout.drain_before_swap": mode.endswith("-drain"),
     }
     if scenario == "sim":
         overrides["trainer.engine.workers"] = trainer
@@ -126,10 +126,13 @@ def measure(scenario: str, mode: str, config: Config) -> ModeResult:
     )
 
 
-def run_scenario(scenario: str, steps: int, modes: list[str]) -> list[ModeResult]:
+def run_scenario(scenario: str, steps: int, modes: list[str], out_dir: Path = Path("runs/bench-pipeline"),
+                 extra: dict[str, Any] | None = None) -> list[ModeResult]:
+    """Run every mode of one scenario, one after the other; `extra` overrides config fields."""
     results = []
     for mode in modes:
-        config = load_config(SCENARIOS[scenario]["config"], mode_overrides(scenario, mode, steps))
+        config = load_config(SCENARIOS[scenario]["config"], {**mode_overrides(scenario, mode, steps, out_dir),
+                                                             **(extra or {})})
         started = time.time()
         run(config)
         result = measure(scenario, mode, config.resolved())
@@ -140,8 +143,8 @@ def run_scenario(scenario: str, steps: int, modes: list[str]) -> list[ModeResult
     for result in results:
         if sync is not None:
             result.speedup_vs_sync = round(result.samples_per_s / sync.samples_per_s, 3)
-    plot_timelines({r.mode: Path(f"runs/bench-pipeline/{scenario}-{r.mode}") for r in results},
-                   Path(f"runs/bench-pipeline/{scenario}-timelines.png"))
+    plot_timelines({r.mode: out_dir / f"{scenario}-{r.mode}" for r in results},
+                   out_dir / f"{scenario}-timelines.png")
     return results
 
 
@@ -160,16 +163,17 @@ def markdown(results: list[ModeResult]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scenario", nargs="+", choices=sorted(SCENARIOS), default=["sim", "tiny"])
-    parser.add_argument("--modes", nargs="+", default=["sync", "k1", "k2"])
+    parser.add_argument("--modes", nargs="+", default=["sync", "k1", "k2", "k2-drain"])
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default per scenario)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-pipeline"))
     args = parser.parse_args()
     results = []
+    out = args.out
     for scenario in args.scenario:
         print(f"scenario {scenario}:", flush=True)
-        results += run_scenario(scenario, args.steps or SCENARIOS[scenario]["steps"], args.modes)
+        results += run_scenario(scenario, args.steps or SCENARIOS[scenario]["steps"], args.modes, out)
     table = markdown(results)
     print(table)
-    out = Path("runs/bench-pipeline")
     out.mkdir(parents=True, exist_ok=True)
     (out / "pipeline.json").write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
     (out / "pipeline.md").write_text(table + "\n")
