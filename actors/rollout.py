@@ -95,14 +95,17 @@ class Rollout:
             self.version = fetched.version
             self.rt.policy_version = fetched.version
             now = time.time()
+            download_started = fetched_at - fetched.exposed_fetch_s
             self.rt.log.info("weights updated", version=fetched.version, needed=needed,
-                             wait_for_weights_s=round(fetched_at - waited, 4), drain_s=round(started - fetched_at, 4),
-                             load_s=round(now - started, 4))
-            # On the timeline a swap is the wait for the weights plus the load; while the items in
-            # flight drain, the instance is still generating (their own spans show it).
-            if fetched_at - waited > 0.001:
-                await self.rt.publish_metrics(f"weights-v{fetched.version}-fetch", WEIGHT_SWAP_STAGE, waited, 0,
-                                              end=fetched_at)
+                             wait_for_version_s=round(download_started - waited, 4),
+                             exposed_download_s=round(fetched.exposed_fetch_s, 4),
+                             drain_s=round(started - fetched_at, 4), load_s=round(now - started, 4))
+            # On the timeline a swap is the part of the download not hidden by the prefetch plus
+            # the load. Waiting for the trainer to produce the version is idle time, not a swap;
+            # during a drain the instance is still generating (the items' own spans show it).
+            if fetched.exposed_fetch_s > 0.001:
+                await self.rt.publish_metrics(f"weights-v{fetched.version}-download", WEIGHT_SWAP_STAGE,
+                                              download_started, 0, end=fetched_at)
             await self.rt.publish_metrics(f"weights-v{fetched.version}", WEIGHT_SWAP_STAGE, started, 0)
 
     async def handle(self, item: WorkItem) -> None:
