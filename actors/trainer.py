@@ -77,6 +77,7 @@ class Trainer:
         self.consumed: set[int] = set()
         self.waiting: dict[int, list[tuple[Msg, WorkItem]]] = {}
         self.current = StepAccumulator()
+        self._announcing: asyncio.Task[None] | None = None  # the last step's upload + StepEvent
         self.out_dir = config.run_dir / "trainer"
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.record = (self.out_dir / "trained_samples.jsonl").open("a", buffering=1)
@@ -91,6 +92,8 @@ class Trainer:
                 for msg in await self.rt.fetch(subscription, batch=self.algo.prompts_per_step):
                     await self.accept(msg)
                 await self.train_ready_items()
+            if self._announcing is not None:
+                await self._announcing
         finally:
             keepalive.cancel()
         await self.rt.wait_stopped()
@@ -168,37 +171,51 @@ class Trainer:
         final = step == self.config.run.steps - 1
         n = len(acc.sample_ids)
         grad = await asyncio.to_thread(self.engine.optimizer_step, 1.0 / n) if n else {"grad_norm": 0.0}
-        version = step + 1
-        ref, nbytes = await asyncio.to_thread(self._publish_weights, version)
-        for sid, v, r in zip(acc.sample_ids, acc.versions, acc.rewards, strict=True):
-            self.record.write(json.dumps({"step": step, "sample_id": sid, "policy_version": v, "reward": r}) + "\n")
-        for sid, reason in sorted(acc.failed.items()):
-            self.failed_record.write(json.dumps({"step": step, "sample_id": sid, "reason": reason}) + "\n")
+        # The export is a copy taken now; uploading it and announcing the step run in the
+        # background while the next partition trains (the upload takes seconds for a real model).
+        tensors = await asyncio.to_thread(lambda: list(self.engine.export_weights()))
         if final and self.config.trainer.save_final:
             await asyncio.to_thread(self.engine.save_pretrained, self.config.run_dir / "final")
-        event = StepEvent(
-            actor=self.rt.actor_id, step=step, policy_version=version, sample_ids=acc.sample_ids,
-            sample_versions=acc.versions, failed_samples=len(acc.failed),
-            reward_mean=float(np.mean(acc.rewards)) if acc.rewards else None,
-            loss=acc.stats.get("loss_sum", 0.0) / max(n, 1), grad_norm=float(grad["grad_norm"]),
-            tokens=int(acc.stats.get("tokens", 0)), weights=ref, weights_nbytes=nbytes, final=final,
-        )
-        await self.rt.publish(self.rt.names.done(TRAINER.name), event, msg_id=f"step-{step}")
-        for msg in acc.messages:
-            await msg.ack_sync(timeout=self.rt.timeout_s)
-        self.rt.log.info("step done", step=step, samples=n, failed=len(acc.failed), reward=event.reward_mean,
-                         loss=round(event.loss, 5), grad_norm=round(event.grad_norm, 4),
-                         max_staleness=max((step - v for v in acc.versions), default=0),
-                         **_importance_weight_stats(acc.stats),
-                         seconds=round(time.time() - acc.started, 2))
-        self.step = version
-        self.rt.policy_version = version
+        previous = self._announcing
+        self._announcing = asyncio.create_task(self._announce_step(step, acc, grad, tensors, final, previous))
+        self.step = step + 1
+        self.rt.policy_version = step + 1
         self.current = StepAccumulator()
 
-    def _publish_weights(self, version: int) -> tuple:
-        tensors = list(self.engine.export_weights())
-        nbytes = sum(t.numel() * t.element_size() for _, t in tensors)
-        return put_weights(self.rt.store, self.config.run.name, version, tensors), nbytes
+    async def _announce_step(self, step: int, acc: StepAccumulator, grad: dict[str, float], tensors: list,
+                             final: bool, previous: asyncio.Task[None] | None) -> None:
+        """Upload version step + 1, record the step's samples, publish its StepEvent, then ack its
+        items (so a crash before the event redelivers them). Steps are announced in order."""
+        try:
+            if previous is not None:
+                await previous
+            version = step + 1
+            nbytes = sum(t.numel() * t.element_size() for _, t in tensors)
+            ref = await asyncio.to_thread(put_weights, self.rt.store, self.config.run.name, version, tensors)
+            del tensors
+            n = len(acc.sample_ids)
+            for sid, v, r in zip(acc.sample_ids, acc.versions, acc.rewards, strict=True):
+                self.record.write(json.dumps({"step": step, "sample_id": sid, "policy_version": v, "reward": r}) + "\n")
+            for sid, reason in sorted(acc.failed.items()):
+                self.failed_record.write(json.dumps({"step": step, "sample_id": sid, "reason": reason}) + "\n")
+            event = StepEvent(
+                actor=self.rt.actor_id, step=step, policy_version=version, sample_ids=acc.sample_ids,
+                sample_versions=acc.versions, failed_samples=len(acc.failed),
+                reward_mean=float(np.mean(acc.rewards)) if acc.rewards else None,
+                loss=acc.stats.get("loss_sum", 0.0) / max(n, 1), grad_norm=float(grad["grad_norm"]),
+                tokens=int(acc.stats.get("tokens", 0)), weights=ref, weights_nbytes=nbytes, final=final,
+            )
+            await self.rt.publish(self.rt.names.done(TRAINER.name), event, msg_id=f"step-{step}")
+            for msg in acc.messages:
+                await msg.ack_sync(timeout=self.rt.timeout_s)
+            self.rt.log.info("step done", step=step, samples=n, failed=len(acc.failed), reward=event.reward_mean,
+                             loss=round(event.loss, 5), grad_norm=round(event.grad_norm, 4),
+                             max_staleness=max((step - v for v in acc.versions), default=0),
+                             **_importance_weight_stats(acc.stats),
+                             seconds=round(time.time() - acc.started, 2))
+        except Exception as error:
+            self.rt.fail(error, f"announcing step {step}")
+            raise
 
     async def _keep_waiting_alive(self) -> None:
         """Held items must not be redelivered while they wait for their step."""

@@ -82,17 +82,24 @@ class WeightPrefetcher:
                 await asyncio.wait_for(self._changed.wait(), timeout=remaining)
             except TimeoutError:
                 continue
-        event = self.announced
         started = time.monotonic()
-        task = self._start_fetch(event)
-        try:
-            tensors = await asyncio.wait_for(asyncio.shield(task), timeout=max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
-            raise EngineError(f"{self.label}: fetching policy version {event.version} from "
-                              f"{event.weights.location} took over {timeout_s} s") from None
-        except StoreError:
-            self._fetches.pop(event.version, None)
-            raise
+        while True:
+            event = self.announced
+            task = self._start_fetch(event)
+            try:
+                tensors = await asyncio.wait_for(asyncio.shield(task), timeout=max(0.0, deadline - time.monotonic()))
+                break
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if task.cancelled() and not (current and current.cancelling()):
+                    continue  # superseded by a newer announcement mid-download: take that one
+                raise
+            except TimeoutError:
+                raise EngineError(f"{self.label}: fetching policy version {event.version} from "
+                                  f"{event.weights.location} took over {timeout_s} s") from None
+            except StoreError:
+                self._fetches.pop(event.version, None)
+                raise
         self._fetches.pop(event.version, None)  # the caller owns the copy now
         return FetchedWeights(event.version, tensors, time.monotonic() - started)
 

@@ -90,3 +90,19 @@ def test_an_announcement_that_waits_for_its_version_is_woken(flight_store_server
             prefetcher.close()
 
     asyncio.run(scenario())
+
+
+def test_a_download_superseded_mid_way_gives_the_newer_version(flight_store_server):
+    """A newer announcement cancels the older download; a swap waiting on it takes the newer one."""
+    async def scenario() -> None:
+        with StoreClient([flight_store_server.location]) as client:
+            prefetcher = WeightPrefetcher(client, prefetch=True)
+            _announce(client, prefetcher, 1, size=4_000_000)  # 16 MB: still downloading below
+            waiter = asyncio.create_task(prefetcher.wait_for(1, timeout_s=30))
+            await asyncio.sleep(0)
+            _announce(client, prefetcher, 2)
+            fetched = await asyncio.wait_for(waiter, timeout=30)
+            assert fetched.version == 2 and float(fetched.tensors["w"][0]) == 2.0
+            prefetcher.close()
+
+    asyncio.run(scenario())
