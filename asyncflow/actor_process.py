@@ -33,10 +33,16 @@ def run_actor_process(role: str, config_path: Path, nats_url: str, instance: int
     setup_logging(config.run_dir / "logs" / f"{actor_id}.jsonl", console=console)
     import torch  # after logging: importing torch takes seconds and the log should say we started
 
-    torch.set_num_threads(config.run.torch_threads)
+    torch.set_num_threads(torch_threads(config, role))
     module = importlib.import_module(ROLE_MODULES[role])
     log = get_logger(run=config.run.name, actor=actor_id)
     return asyncio.run(_main(module, role, config, nats_url, instance, log))
+
+
+def torch_threads(config, role: str) -> int:  # type: ignore[no-untyped-def]
+    """The role's own thread count where the config gives one, else the run's."""
+    own = {"rollout": config.rollout.torch_threads, "trainer": config.trainer.torch_threads}.get(role)
+    return own or config.run.torch_threads
 
 
 async def _main(module, role, config, nats_url, instance, log) -> int:  # type: ignore[no-untyped-def]

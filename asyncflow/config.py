@@ -270,6 +270,8 @@ class RolloutSettings(_Strict):
     """Inference engine adapter, chosen by `type`."""
     weights_timeout_s: float = Field(120.0, gt=0)
     """Longest wait for a policy version the staleness bound requires."""
+    torch_threads: int | None = Field(None, ge=1)
+    """torch threads of each rollout process; None: `run.torch_threads`."""
 
     _engine_type = model_validator(mode="before")(_default_engine_type)
 
@@ -281,6 +283,9 @@ class TrainerSettings(_Strict):
     _engine_type = model_validator(mode="before")(_default_engine_type)
     save_final: bool = True
     """Write the final model in HF format to `<run_dir>/final`."""
+    torch_threads: int | None = Field(None, ge=1)
+    """torch threads of the trainer process (each data-parallel rank); None: `run.torch_threads`.
+    The trainer is usually the busiest actor: on a small machine it may deserve the spare cores."""
 
 
 class BrokerSettings(_Strict):
