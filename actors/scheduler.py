@@ -4,14 +4,22 @@ It owns the run's bookkeeping and nothing else: it writes prompts into the store
 is admitted (I2: once version ≥ p − k exists), then follows the EVENTS stream. Whenever a stage
 reports columns for a GRPO group, every downstream stage whose inputs are now all present for
 that group gets a work item at once — no barrier between stages or between groups.
+
+Handling an event is bookkeeping only: work items go to an outbox that a background task
+publishes in pipelined batches (sent at once, acks awaited together), and another task drops
+trained partitions from the store; so the event stream never waits for a broker or store round
+trip, except to write the prompts of a newly admitted partition.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 from nats.aio.msg import Msg
@@ -21,11 +29,14 @@ from actors.runtime import ActorRuntime
 from asyncflow.dataset import load_prompts, tokenize_prompt
 from asyncflow.errors import WireError
 from asyncflow.graph import GRPO_GRAPH, PROMPT, ROLLOUT, TRAINER, Stage
-from asyncflow.partitions import group_sample_ids, prompt_index
+from asyncflow.partitions import group_sample_ids, pack_by_budget, prompt_index
 from asyncflow.staleness import admissible_partitions, min_version
 from asyncflow.wire import ChunkRef, DeadLetter, DoneEvent, StepEvent, WeightsEvent, WorkItem, decode
 from broker.names import KV_PROGRESS
 from flight_store.columns import token_lists
+
+MAX_BATCHES_IN_FLIGHT = 8
+"""Batches of work items whose broker acks the scheduler awaits at once (back-pressure beyond)."""
 
 
 @dataclass
@@ -38,6 +49,9 @@ class GroupState:
     refs: dict[str, ChunkRef] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
     dispatched: set[str] = field(default_factory=set)
+    resent: dict[str, int] = field(default_factory=dict)
+    """Stage → times its item was sent again (a dead-lettered trainer item is re-sent, with a new id:
+    JetStream would drop a re-send under the same msg id as a duplicate)."""
 
     @property
     def live_ids(self) -> list[int]:
@@ -58,35 +72,73 @@ class Scheduler:
         self.rows = load_prompts(config.data.path, config.data.prompt_field)
         self.tokenizer = AutoTokenizer.from_pretrained(str(config.model.path))
         self.latest_version = 0  # version 0 = the initial weights every engine loads from disk
-        self.admitted: set[int] = set()
+        self.next_partition = 0  # admission goes in order: every partition below this one is admitted
         self.trained: set[int] = set()
-        self.groups: dict[tuple[int, int], GroupState] = {}
+        # partition -> group -> state, for partitions admitted and not yet trained.
+        self.partitions: dict[int, dict[int, GroupState]] = {}
+        # phase_barrier: partition -> groups whose trainer inputs are all ready.
+        self.trainer_ready: dict[int, set[int]] = {}
         self.bad_events = 0
         self._admit_lock = asyncio.Lock()
+        self._tokenized: dict[tuple[int, int], tuple[list[int], str]] = {}
+        self._tokenizing: asyncio.Task[None] | None = None
+        self._outbox: list[WorkItem] = []
+        self._outbox_filled = asyncio.Event()
+        self._batches: set[asyncio.Task[None]] = set()  # published, awaiting their acks
+        self._trained_queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
 
     async def run(self) -> None:
-        await self.rt.subscribe_events(f"{self.rt.names.prefix}.>", self.on_event)
-        await self.admit()
-        self.rt.state = "ready"
-        await self.rt.wait_stopped()
+        # What is loaded by now (torch, transformers, the tokenizer, the prompts) lives as long as the
+        # process: keep it out of the cyclic GC, whose full collections would otherwise walk those
+        # millions of objects and stall the event stream for ~0.5 s each time.
+        gc.freeze()
+        background = [
+            asyncio.create_task(self._keep_running(self._send_work(), "publishing work items")),
+            asyncio.create_task(self._keep_running(self._drop_trained(), "dropping trained partitions")),
+        ]
+        try:
+            await self.rt.subscribe_events(f"{self.rt.names.prefix}.>", self.on_event)
+            await self.admit()
+            self.rt.state = "ready"
+            await self.rt.wait_stopped()
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            if self._outbox and self.rt.fatal is None:
+                await self._publish(self._outbox)
+            await asyncio.gather(*self._batches)  # their acks (each batch fails the actor on its own)
+
+    async def _keep_running(self, work: Coroutine[Any, Any, None], what: str) -> None:
+        try:
+            await work
+        except Exception as error:
+            self.rt.fail(error, what)  # stops the actor loudly, like a failure on the event path
 
     # -- admission (I2) ---------------------------------------------------------------------
 
     async def admit(self) -> None:
         async with self._admit_lock:
             window = admissible_partitions(self.latest_version, self.algo.max_staleness, self.config.run.steps)
-            for partition in window:
-                if partition not in self.admitted:
-                    self.admitted.add(partition)
-                    await self._start_partition(partition)
+            while self.next_partition < window.stop:
+                partition, self.next_partition = self.next_partition, self.next_partition + 1
+                await self._start_partition(partition)
 
     async def _start_partition(self, partition: int) -> None:
         started = time.time()
         groups = [self._new_group(partition, g) for g in range(self.algo.prompts_per_step)]
+        if self._tokenizing is not None:
+            await self._tokenizing  # this partition's prompts, tokenized ahead (or the error doing so)
         # One put per column for the whole partition: per-call overhead, not bytes, dominates here.
-        prompt_lengths = await asyncio.to_thread(self._write_prompts, partition, groups)
+        # On the loop, not in a thread: events wait for the admission either way, and a thread would
+        # have to win the GIL back from the busy loop after each blocking Flight call (up to 5 ms
+        # each), turning two ~1 ms puts into tens of ms.
+        prompt_lengths = self._write_prompts(partition, groups)
         for item_groups in self._pack_rollout_items(groups, prompt_lengths):
-            await self._dispatch(ROLLOUT, item_groups)
+            self._dispatch(ROLLOUT, item_groups)
+        # Events wait while a partition is admitted: tokenize the next one's prompts now, in the
+        # background, so that its admission only has to write them.
+        self._tokenizing = asyncio.create_task(asyncio.to_thread(self._tokenize_ahead, partition + 1))
         await self.rt.publish_metrics(f"prompt-p{partition}", PROMPT.name, started, self.config.samples_per_step)
         self.rt.log.info("partition admitted", partition=partition, latest_version=self.latest_version,
                          min_version=min_version(partition, self.algo.max_staleness))
@@ -99,36 +151,22 @@ class Scheduler:
         if budget is None:
             per_item = self.config.rollout.groups_per_item
             return [groups[i:i + per_item] for i in range(0, len(groups), per_item)]
-        items: list[list[GroupState]] = []
-        current: list[GroupState] = []
-        used = 0
-        for state, length in zip(groups, prompt_lengths, strict=True):
-            cost = len(state.sample_ids) * (length + self.config.sampling.max_new_tokens)
-            if current and used + cost > budget:
-                items.append(current)
-                current, used = [], 0
-            current.append(state)
-            used += cost
-        if current:
-            items.append(current)
-        return items
+        costs = [len(state.sample_ids) * (length + self.config.sampling.max_new_tokens)
+                 for state, length in zip(groups, prompt_lengths, strict=True)]
+        return [[groups[i] for i in item] for item in pack_by_budget(costs, budget)]
 
     def _new_group(self, partition: int, group: int) -> GroupState:
         ids = group_sample_ids(partition, group, self.algo.prompts_per_step, self.algo.samples_per_prompt)
         state = GroupState(partition, group, ids)
-        self.groups[(partition, group)] = state
+        self.partitions.setdefault(partition, {})[group] = state
         return state
 
     def _write_prompts(self, partition: int, groups: list[GroupState]) -> list[int]:
         """Write the partition's prompt_ids and meta columns; returns each group's prompt length."""
         ids_column, meta_column, sample_ids, lengths = [], [], [], []
         for state in groups:
-            index = prompt_index(state.partition, state.group, self.algo.prompts_per_step, len(self.rows),
-                                 self.config.run.seed, self.config.data.shuffle)
-            row = self.rows[index]
-            ids = tokenize_prompt(self.tokenizer, row.prompt, self.config.data.chat_template,
-                                  self.config.data.system_prompt)
-            meta = json.dumps({"prompt": row.prompt, "row": index, "fields": row.fields})
+            prepared = self._tokenized.pop((partition, state.group), None)
+            ids, meta = prepared or self._prompt(partition, state.group)
             n = len(state.sample_ids)
             ids_column += [ids] * n
             meta_column += [meta] * n
@@ -140,13 +178,28 @@ class Scheduler:
                 state.refs[column] = ref
         return lengths
 
+    def _prompt(self, partition: int, group: int) -> tuple[list[int], str]:
+        """The group's prompt token ids and its meta (prompt text and dataset fields, JSON)."""
+        index = prompt_index(partition, group, self.algo.prompts_per_step, len(self.rows),
+                             self.config.run.seed, self.config.data.shuffle)
+        row = self.rows[index]
+        ids = tokenize_prompt(self.tokenizer, row.prompt, self.config.data.chat_template,
+                              self.config.data.system_prompt)
+        return ids, json.dumps({"prompt": row.prompt, "row": index, "fields": row.fields})
+
+    def _tokenize_ahead(self, partition: int) -> None:
+        if partition < self.config.run.steps:
+            groups = range(self.algo.prompts_per_step)
+            self._tokenized = {(partition, g): self._prompt(partition, g) for g in groups}
+
     # -- dispatch by readiness --------------------------------------------------------------
 
-    async def _dispatch(self, stage: Stage, groups: list[GroupState]) -> None:
+    def _dispatch(self, stage: Stage, groups: list[GroupState]) -> None:
         partition = groups[0].partition
         item = WorkItem(
             stage=stage.name,
-            item_id=f"{stage.name}-p{partition}-g{'_'.join(str(g.group) for g in groups)}",
+            item_id=f"{stage.name}-p{partition}-g{'_'.join(str(g.group) for g in groups)}"
+                    + (f"-r{groups[0].resent[stage.name]}" if groups[0].resent.get(stage.name) else ""),
             partition=partition,
             groups=[g.group for g in groups],
             sample_ids=[sid for g in groups for sid in g.live_ids],
@@ -156,23 +209,43 @@ class Scheduler:
         )
         for g in groups:
             g.dispatched.add(stage.name)
-        await self.rt.publish(self.rt.names.work(stage.name), item, msg_id=item.item_id)
+        self._outbox.append(item)
+        self._outbox_filled.set()
 
-    async def _advance(self, state: GroupState) -> None:
+    async def _send_work(self) -> None:
+        """Publish the outbox as it fills: whatever was queued goes out at once as one batch whose
+        acks are awaited together, in the background, so that no item waits for an earlier batch's
+        round trip; at most MAX_BATCHES_IN_FLIGHT batches await their acks."""
+        while True:
+            await self._outbox_filled.wait()
+            self._outbox_filled.clear()
+            batch, self._outbox = self._outbox, []
+            self._batches = {task for task in self._batches if not task.done()}
+            publishing = self._keep_running(self._publish(batch), "publishing work items")
+            self._batches.add(asyncio.create_task(publishing))
+            if len(self._batches) >= MAX_BATCHES_IN_FLIGHT:
+                await asyncio.wait(self._batches, return_when=asyncio.FIRST_COMPLETED)
+
+    async def _publish(self, items: list[WorkItem]) -> None:
+        # msg id = item id: a re-sent item (e.g. after a restart replays the events) is stored once.
+        await self.rt.publish_many([(self.rt.names.work(item.stage), item, item.item_id) for item in items])
+
+    def _advance(self, state: GroupState) -> None:
         for stage in GRPO_GRAPH:
             if stage.inputs and stage.name not in state.dispatched and state.ready_for(stage):
                 if stage is TRAINER and self.algo.phase_barrier:
-                    await self._release_partition_to_trainer(state.partition)
+                    self._release_partition_to_trainer(state)
                 else:
-                    await self._dispatch(stage, [state])
+                    self._dispatch(stage, [state])
 
-    async def _release_partition_to_trainer(self, partition: int) -> None:
+    def _release_partition_to_trainer(self, state: GroupState) -> None:
         """Baseline mode (`phase_barrier`): the trainer gets nothing until every group is ready."""
-        groups = [g for (p, _), g in self.groups.items() if p == partition]
-        if len(groups) == self.algo.prompts_per_step and all(g.ready_for(TRAINER) for g in groups):
-            for group in groups:
+        ready = self.trainer_ready.setdefault(state.partition, set())
+        ready.add(state.group)
+        if len(ready) == self.algo.prompts_per_step:
+            for group in self.partitions[state.partition].values():
                 if TRAINER.name not in group.dispatched:
-                    await self._dispatch(TRAINER, [group])
+                    self._dispatch(TRAINER, [group])
 
     # -- events -----------------------------------------------------------------------------
 
@@ -180,13 +253,13 @@ class Scheduler:
         kind = msg.subject.removeprefix(self.rt.names.prefix + ".")
         try:
             if kind == "done.trainer":
-                await self.on_step(decode(StepEvent, msg.data, msg.subject))
+                self.on_step(decode(StepEvent, msg.data, msg.subject))
             elif kind.startswith("done."):
-                await self.on_done(decode(DoneEvent, msg.data, msg.subject))
+                self.on_done(decode(DoneEvent, msg.data, msg.subject))
             elif kind == "weights":
                 await self.on_weights(decode(WeightsEvent, msg.data, msg.subject))
             elif kind.startswith("dead."):
-                await self.on_dead(decode(DeadLetter, msg.data, msg.subject))
+                self.on_dead(decode(DeadLetter, msg.data, msg.subject))
         except WireError as error:
             self.bad_events += 1
             self.rt.log.error("bad event ignored", error=str(error), bad_events=self.bad_events)
@@ -194,46 +267,55 @@ class Scheduler:
             # Losing an event would stall the run silently: stop loudly instead.
             self.rt.fail(error, f"handling {msg.subject}")
 
-    async def on_done(self, event: DoneEvent) -> None:
+    def on_done(self, event: DoneEvent) -> None:
+        groups = self.partitions.get(event.partition, {})
         for group in event.groups:
-            state = self.groups.get((event.partition, group))
+            state = groups.get(group)
             if state is None:
                 continue  # a redelivered item of a partition already trained and dropped
             state.failed.update({sid: r for sid, r in event.failed.items() if sid in state.sample_ids})
             for ref in event.chunks:
                 if ref.sample_ids and ref.sample_ids[0] in state.sample_ids:
                     state.refs[ref.column] = ref
-            await self._advance(state)
+            self._advance(state)
 
-    async def on_dead(self, letter: DeadLetter) -> None:
+    def on_dead(self, letter: DeadLetter) -> None:
         try:
             item = decode(WorkItem, letter.payload.encode(), letter.subject)
         except WireError:
             self.rt.log.error("dead letter with unreadable item", stage=letter.stage, reason=letter.reason)
             return
         reason = f"dead-lettered at {letter.stage}: {letter.reason}"
+        groups = self.partitions.get(item.partition, {})
         for group in item.groups:
-            state = self.groups.get((item.partition, group))
+            state = groups.get(group)
             if state is None:
                 continue
             for sid in item.sample_ids:
                 state.failed.setdefault(sid, reason)
             if letter.stage == TRAINER.name:
                 state.dispatched.discard(TRAINER.name)  # re-send with every sample failed: the step closes
-            await self._advance(state)
+                state.resent[TRAINER.name] = state.resent.get(TRAINER.name, 0) + 1
+            self._advance(state)
 
     async def on_weights(self, event: WeightsEvent) -> None:
         if event.version > self.latest_version:
             self.latest_version = event.version
             await self.admit()
 
-    async def on_step(self, event: StepEvent) -> None:
+    def on_step(self, event: StepEvent) -> None:
         self.trained.add(event.step)
-        for key in [k for k in self.groups if k[0] == event.step]:
-            del self.groups[key]
-        dropped = await asyncio.to_thread(self.rt.store.drop_partition, self.config.run.name, event.step)
-        await self.rt.kv.put(KV_PROGRESS, json.dumps({"step": event.step, "trained": len(self.trained)}).encode())
-        self.rt.log.info("partition trained and dropped", partition=event.step, keys_dropped=dropped)
+        self.partitions.pop(event.step, None)
+        self.trainer_ready.pop(event.step, None)
+        self._trained_queue.put_nowait((event.step, len(self.trained)))
+
+    async def _drop_trained(self) -> None:
+        """Free trained partitions in the store and record progress, in step order."""
+        while True:
+            step, trained = await self._trained_queue.get()
+            dropped = await asyncio.to_thread(self.rt.store.drop_partition, self.config.run.name, step)
+            await self.rt.kv.put(KV_PROGRESS, json.dumps({"step": step, "trained": trained}).encode())
+            self.rt.log.info("partition trained and dropped", partition=step, keys_dropped=dropped)
 
 
 async def run(runtime: ActorRuntime) -> None:

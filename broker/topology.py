@@ -18,6 +18,9 @@ from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 from asyncflow.graph import WORK_STAGES
 from broker.names import RunNames
 
+MAX_ACK_PENDING = 1_000_000
+MAX_WAITING_PULLS = 65_536
+
 
 async def ensure_topology(
     js: JetStreamContext,
@@ -51,6 +54,11 @@ async def ensure_topology(
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=ack_wait_s,
             max_deliver=max_deliver,
+            # The trainer holds items of later partitions un-acked until their step (up to
+            # (k + 1) partitions' groups), and many instances may each keep a pull request waiting:
+            # the server defaults (1000 and 512) would stall big runs.
+            max_ack_pending=MAX_ACK_PENDING,
+            max_waiting=MAX_WAITING_PULLS,
             description=f"{stage} work, shared by all {stage} instances",
         )
         await js.add_consumer(names.work_stream, config=consumer)
