@@ -24,6 +24,7 @@ from nats.aio.msg import Msg
 from actors.runtime import ActorRuntime, read_columns
 from asyncflow.algorithms.grpo import group_advantages, grpo_loss
 from asyncflow.engines import TrainBatch, make_local_training_engine, make_training_engine
+from asyncflow.engines.base import accumulate_stats
 from asyncflow.errors import WireError
 from asyncflow.graph import TRAINER
 from asyncflow.partitions import group_of
@@ -46,12 +47,7 @@ class StepAccumulator:
     started: float = field(default_factory=time.time)
 
     def add_stats(self, stats: dict[str, float]) -> None:
-        for key, value in stats.items():
-            # Engines report sums (added up across micro-batches) and maxima (`*_max`).
-            if key.endswith("_max"):
-                self.stats[key] = max(self.stats.get(key, value), value)
-            else:
-                self.stats[key] = self.stats.get(key, 0.0) + value
+        accumulate_stats(self.stats, stats)
 
 
 class Trainer:

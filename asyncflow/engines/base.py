@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from asyncflow.errors import EngineError
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -62,6 +64,27 @@ class TrainBatch:
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
+
+
+def check_generate_args(prompts: Sequence[Sequence[int]], seeds: Sequence[int]) -> None:
+    """What every `generate` requires: one seed per prompt and no empty prompt."""
+    if len(prompts) != len(seeds):
+        raise EngineError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")
+    for index, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise EngineError(f"generate: prompt {index} is empty; a prompt needs at least one token")
+
+
+def accumulate_stats(totals: dict[str, float], stats: dict[str, float]) -> dict[str, float]:
+    """Merge loss stats into `totals` (in place, returned): keys ending in `_max` keep the largest
+    value, every other key is a sum, so micro-batches, data-parallel shards and the items of a
+    step all combine the same way."""
+    for key, value in stats.items():
+        if key in totals and key.endswith("_max"):
+            totals[key] = max(totals[key], float(value))
+        else:
+            totals[key] = totals.get(key, 0.0) + float(value)
+    return totals
 
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]

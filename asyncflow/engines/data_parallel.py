@@ -66,7 +66,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from asyncflow.config import TrainingEngineSettings
-from asyncflow.engines.base import LossFn, TrainBatch, TrainingEngine
+from asyncflow.engines.base import LossFn, TrainBatch, TrainingEngine, accumulate_stats
 from asyncflow.errors import EngineError
 
 _BUCKET_ELEMENTS = 1 << 24
@@ -122,11 +122,7 @@ def combine_stats(parts: Sequence[dict[str, float]]) -> dict[str, float]:
     """Add stats across shards, as the engines do across micro-batches (`*_max` keys take the max)."""
     totals: dict[str, float] = {}
     for stats in parts:
-        for key, value in stats.items():
-            if key in totals and key.endswith("_max"):
-                totals[key] = max(totals[key], float(value))
-            else:
-                totals[key] = totals.get(key, 0.0) + float(value)
+        accumulate_stats(totals, stats)
     return totals
 
 

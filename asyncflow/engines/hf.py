@@ -16,11 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
 from asyncflow.config import HFInferenceSettings, HFTrainingSettings
-from asyncflow.engines.base import (
-    Generation,
-    InferenceEngine,
-    SamplingParams,
-)
+from asyncflow.engines.base import Generation, InferenceEngine, SamplingParams, check_generate_args
 from asyncflow.engines.torch_training import TorchTrainingEngine
 from asyncflow.errors import EngineError
 
@@ -95,11 +91,7 @@ class HFInferenceEngine(InferenceEngine):
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int]
     ) -> list[Generation]:
-        if len(prompts) != len(seeds):
-            raise EngineError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")
-        for index, prompt in enumerate(prompts):
-            if len(prompt) == 0:
-                raise EngineError(f"generate: prompt {index} is empty; a prompt needs at least one token")
+        check_generate_args(prompts, seeds)
         # Batch similar lengths together (less padding); rows are independent, so order is free.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: list[Generation | None] = [None] * len(prompts)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from asyncflow.engines.base import LossFn, TrainBatch, TrainingEngine
+from asyncflow.engines.base import LossFn, TrainBatch, TrainingEngine, accumulate_stats
 from asyncflow.errors import EngineError
 
 
@@ -156,11 +156,7 @@ class TorchTrainingEngine(TrainingEngine):
                 # A micro-batch of empty responses has a loss with no graph: nothing to add.
                 if loss.requires_grad:
                     loss.backward()
-                for key, value in stats.items():
-                    if key in totals and key.endswith("_max"):
-                        totals[key] = max(totals[key], float(value))
-                    else:
-                        totals[key] = totals.get(key, 0.0) + float(value)
+                accumulate_stats(totals, stats)
         return totals
 
     def optimizer_step(self, grad_scale: float) -> dict[str, float]:

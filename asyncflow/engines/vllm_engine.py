@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from asyncflow.config import VLLMInferenceSettings
-from asyncflow.engines.base import Generation, InferenceEngine, SamplingParams
+from asyncflow.engines.base import Generation, InferenceEngine, SamplingParams, check_generate_args
 from asyncflow.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -195,11 +195,8 @@ class VLLMInferenceEngine(InferenceEngine):
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int]
     ) -> list[Generation]:
-        if len(prompts) != len(seeds):
-            raise EngineError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")
+        check_generate_args(prompts, seeds)
         for index, prompt in enumerate(prompts):
-            if len(prompt) == 0:
-                raise EngineError(f"generate: prompt {index} is empty; a prompt needs at least one token")
             # vLLM pads its embedding table, so an id past the vocabulary would silently embed
             # a padding row instead of failing.
             if self._vocab_size is not None and not all(0 <= int(t) < self._vocab_size for t in prompt):
