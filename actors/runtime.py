@@ -185,10 +185,12 @@ class ActorRuntime:
         except TimeoutError:  # nats.errors.TimeoutError or asyncio's, depending on where it expired
             return []
 
-    async def dead_letter(self, stage: str, msg: Msg, reason: str) -> None:
+    async def dead_letter(self, stage: str, msg: Msg, reason: str, item: WorkItem | None = None) -> None:
         deliveries = msg.metadata.num_delivered if msg.metadata else 1
         letter = DeadLetter(stage=stage, subject=msg.subject, deliveries=deliveries, reason=reason[:2000],
-                            payload=msg.data[:8192].decode("utf-8", errors="replace"))
+                            payload=msg.data[:8192].decode("utf-8", errors="replace"),
+                            item_id=item.item_id if item else None, partition=item.partition if item else None,
+                            groups=item.groups if item else [])
         await self.publish(self.names.dead(stage), letter)
         await msg.term()
         self.log.error("work item dead-lettered", stage=stage, deliveries=deliveries, reason=reason)
@@ -237,7 +239,7 @@ class ActorRuntime:
             reason = f"{type(error).__name__}: {error}"
             self.log.exception("work item failed", item=item.item_id, deliveries=deliveries)
             if deliveries >= self.config.broker.max_deliver:
-                await self.dead_letter(stage, msg, f"{item.item_id}: {reason}")
+                await self.dead_letter(stage, msg, f"{item.item_id}: {reason}", item)
             else:
                 await msg.nak(delay=min(2.0 * deliveries, 10.0))
             return False

@@ -1,14 +1,14 @@
 """Scheduler actor: admits partitions under the staleness bound and dispatches work by readiness.
 
-It owns the run's bookkeeping and nothing else: it writes prompts into the store when a partition
-is admitted (I2: once version ≥ p − k exists), then follows the EVENTS stream. Whenever a stage
+It owns the run's bookkeeping and nothing else: it admits partitions (I2: once version ≥ p − k
+exists) with their prompts, which worker threads tokenize and write into the store a few partitions
+ahead, then follows the EVENTS stream. Whenever a stage
 reports columns for a GRPO group, every downstream stage whose inputs are now all present for
 that group gets a work item at once — no barrier between stages or between groups.
 
 Handling an event is bookkeeping only: work items go to an outbox that a background task
 publishes in pipelined batches (sent at once, acks awaited together), and another task drops
-trained partitions from the store; so the event stream never waits for a broker or store round
-trip, except to write the prompts of a newly admitted partition.
+trained partitions from the store; so the event stream never waits for a broker or store round trip.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from flight_store.columns import token_lists
 
 MAX_BATCHES_IN_FLIGHT = 8
 """Batches of work items whose broker acks the scheduler awaits at once (back-pressure beyond)."""
+PROMPT_LOOKAHEAD = 2
+"""Partitions past the one being admitted whose prompts are already written to the store."""
 
 
 @dataclass
@@ -80,8 +82,8 @@ class Scheduler:
         self.trainer_ready: dict[int, set[int]] = {}
         self.bad_events = 0
         self._admit_lock = asyncio.Lock()
-        self._tokenized: dict[tuple[int, int], tuple[list[int], str]] = {}
-        self._tokenizing: asyncio.Task[None] | None = None
+        # partition -> its prompts being written ahead of admission: (column refs, group prompt lengths)
+        self._staged: dict[int, asyncio.Task[tuple[dict[str, ChunkRef], list[int]]]] = {}
         self._outbox: list[WorkItem] = []
         self._outbox_filled = asyncio.Event()
         self._batches: set[asyncio.Task[None]] = set()  # published, awaiting their acks
@@ -104,7 +106,7 @@ class Scheduler:
         finally:
             for task in background:
                 task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await asyncio.gather(*background, *self._staged.values(), return_exceptions=True)
             if self._outbox and self.rt.fatal is None:
                 await self._publish(self._outbox)
             await asyncio.gather(*self._batches)  # their acks (each batch fails the actor on its own)
@@ -126,22 +128,30 @@ class Scheduler:
 
     async def _start_partition(self, partition: int) -> None:
         started = time.time()
+        self._stage_prompts_ahead(partition)
+        refs, prompt_lengths = await self._staged.pop(partition)  # normally written long before
         groups = [self._new_group(partition, g) for g in range(self.algo.prompts_per_step)]
-        if self._tokenizing is not None:
-            await self._tokenizing  # this partition's prompts, tokenized ahead (or the error doing so)
-        # One put per column for the whole partition: per-call overhead, not bytes, dominates here.
-        # On the loop, not in a thread: events wait for the admission either way, and a thread would
-        # have to win the GIL back from the busy loop after each blocking Flight call (up to 5 ms
-        # each), turning two ~1 ms puts into tens of ms.
-        prompt_lengths = self._write_prompts(partition, groups)
+        first_row = 0
+        for state in groups:
+            # Each group names only its own rows of the partition's prompt chunk: items stay small and
+            # a rollout instance reads its prompts, not the whole partition's.
+            state.refs.update({column: ref.rows(first_row, len(state.sample_ids)) for column, ref in refs.items()})
+            first_row += len(state.sample_ids)
         for item_groups in self._pack_rollout_items(groups, prompt_lengths):
             self._dispatch(ROLLOUT, item_groups)
-        # Events wait while a partition is admitted: tokenize the next one's prompts now, in the
-        # background, so that its admission only has to write them.
-        self._tokenizing = asyncio.create_task(asyncio.to_thread(self._tokenize_ahead, partition + 1))
         await self.rt.publish_metrics(f"prompt-p{partition}", PROMPT.name, started, self.config.samples_per_step)
         self.rt.log.info("partition admitted", partition=partition, latest_version=self.latest_version,
                          min_version=min_version(partition, self.algo.max_staleness))
+
+    def _stage_prompts_ahead(self, partition: int) -> None:
+        """Tokenize and write the prompts of `partition` and the PROMPT_LOOKAHEAD partitions after it,
+        each in a worker thread, so that admitting a partition is only bookkeeping and publishing:
+        tokenizing and two Flight puts on the event path cost 3-20 ms of every rollout item's
+        ready-to-dispatched latency and stalled the events queued behind the admission."""
+        last = min(partition + PROMPT_LOOKAHEAD, self.config.run.steps - 1)
+        for ahead in range(partition, last + 1):
+            if ahead not in self._staged:
+                self._staged[ahead] = asyncio.create_task(asyncio.to_thread(self._write_prompts, ahead))
 
     def _pack_rollout_items(self, groups: list[GroupState], prompt_lengths: list[int]) -> list[list[GroupState]]:
         """Rollout work items: `groups_per_item` groups each, or, with `rollout.item_tokens`, as many
@@ -161,22 +171,24 @@ class Scheduler:
         self.partitions.setdefault(partition, {})[group] = state
         return state
 
-    def _write_prompts(self, partition: int, groups: list[GroupState]) -> list[int]:
-        """Write the partition's prompt_ids and meta columns; returns each group's prompt length."""
-        ids_column, meta_column, sample_ids, lengths = [], [], [], []
-        for state in groups:
-            prepared = self._tokenized.pop((partition, state.group), None)
-            ids, meta = prepared or self._prompt(partition, state.group)
-            n = len(state.sample_ids)
-            ids_column += [ids] * n
-            meta_column += [meta] * n
-            sample_ids += state.sample_ids
+    def _write_prompts(self, partition: int) -> tuple[dict[str, ChunkRef], list[int]]:
+        """Write the partition's prompt_ids and meta columns (one put per column for the whole
+        partition: per-call overhead, not bytes, dominates); returns their refs and each group's
+        prompt length. Runs in a worker thread."""
+        ids_column: list[list[int]] = []
+        meta_column: list[str] = []
+        sample_ids: list[int] = []
+        lengths: list[int] = []
+        for group in range(self.algo.prompts_per_step):
+            ids, meta = self._prompt(partition, group)
+            group_ids = group_sample_ids(partition, group, self.algo.prompts_per_step, self.algo.samples_per_prompt)
+            ids_column += [ids] * len(group_ids)
+            meta_column += [meta] * len(group_ids)
+            sample_ids += group_ids
             lengths.append(len(ids))
-        for column, values in (("prompt_ids", token_lists(ids_column)), ("meta", pa.array(meta_column))):
-            ref = self.rt.store.put_column(self.config.run.name, partition, column, "prompts", sample_ids, values)
-            for state in groups:
-                state.refs[column] = ref
-        return lengths
+        refs = {column: self.rt.store.put_column(self.config.run.name, partition, column, "prompts", sample_ids, values)
+                for column, values in (("prompt_ids", token_lists(ids_column)), ("meta", pa.array(meta_column)))}
+        return refs, lengths
 
     def _prompt(self, partition: int, group: int) -> tuple[list[int], str]:
         """The group's prompt token ids and its meta (prompt text and dataset fields, JSON)."""
@@ -186,11 +198,6 @@ class Scheduler:
         ids = tokenize_prompt(self.tokenizer, row.prompt, self.config.data.chat_template,
                               self.config.data.system_prompt)
         return ids, json.dumps({"prompt": row.prompt, "row": index, "fields": row.fields})
-
-    def _tokenize_ahead(self, partition: int) -> None:
-        if partition < self.config.run.steps:
-            groups = range(self.algo.prompts_per_step)
-            self._tokenized = {(partition, g): self._prompt(partition, g) for g in groups}
 
     # -- dispatch by readiness --------------------------------------------------------------
 
@@ -266,6 +273,10 @@ class Scheduler:
         except Exception as error:
             # Losing an event would stall the run silently: stop loudly instead.
             self.rt.fail(error, f"handling {msg.subject}")
+        if self._outbox:
+            # nats-py runs this callback for each queued event without returning to the loop while
+            # events are waiting, so a backlog would hold every work item it made until it is gone.
+            await asyncio.sleep(0)
 
     def on_done(self, event: DoneEvent) -> None:
         groups = self.partitions.get(event.partition, {})
@@ -280,18 +291,17 @@ class Scheduler:
             self._advance(state)
 
     def on_dead(self, letter: DeadLetter) -> None:
-        try:
-            item = decode(WorkItem, letter.payload.encode(), letter.subject)
-        except WireError:
-            self.rt.log.error("dead letter with unreadable item", stage=letter.stage, reason=letter.reason)
+        if letter.partition is None:
+            # Not a readable work item (garbage on a work subject): no group of ours to account for.
+            self.rt.log.error("dead letter of an unreadable message", stage=letter.stage, reason=letter.reason)
             return
         reason = f"dead-lettered at {letter.stage}: {letter.reason}"
-        groups = self.partitions.get(item.partition, {})
-        for group in item.groups:
+        groups = self.partitions.get(letter.partition, {})
+        for group in letter.groups:
             state = groups.get(group)
             if state is None:
                 continue
-            for sid in item.sample_ids:
+            for sid in state.live_ids:
                 state.failed.setdefault(sid, reason)
             if letter.stage == TRAINER.name:
                 state.dispatched.discard(TRAINER.name)  # re-send with every sample failed: the step closes
@@ -323,8 +333,8 @@ async def run(runtime: ActorRuntime) -> None:
 
 
 def _unique_refs(refs: list[ChunkRef]) -> list[ChunkRef]:
-    """Several groups can share one chunk (the partition's prompts): list each chunk once."""
-    seen: dict[str, ChunkRef] = {}
+    """Several groups can share one chunk (a reward chunk of a multi-group item): list each once."""
+    seen: dict[tuple[str, int | None], ChunkRef] = {}
     for ref in refs:
-        seen.setdefault(ref.key, ref)
+        seen.setdefault((ref.key, ref.offset), ref)
     return list(seen.values())

@@ -5,6 +5,11 @@ accumulate); items of later partitions wait, un-acked, until their step. When al
 partition are in, the optimizer steps (gradients scaled by 1 / trained samples), the new weights
 go to the store, and a StepEvent announces version s + 1. Items are acked only after that, and
 sample ids already trained are skipped, so a redelivered item is never trained twice.
+
+An item that raises (bad data, a crashing engine) is retried, and after `broker.max_deliver` tries
+dead-lettered; the scheduler then re-sends its groups with every sample failed, so the step closes
+without them. If the failure came after the engine began adding the item's gradient, the step's
+gradients are dropped and its earlier items trained again (`TrainingEngine.discard_gradients`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from actors.runtime import ActorRuntime, read_columns
 from asyncflow.algorithms.grpo import group_advantages, grpo_loss
 from asyncflow.engines import TrainBatch, make_local_training_engine, make_training_engine
 from asyncflow.engines.base import accumulate_stats
-from asyncflow.errors import WireError
+from asyncflow.errors import StalenessError, WireError
 from asyncflow.graph import TRAINER
 from asyncflow.partitions import group_of
 from asyncflow.staleness import check_sample
@@ -39,6 +44,8 @@ class StepAccumulator:
 
     groups: set[int] = field(default_factory=set)
     messages: list[Msg] = field(default_factory=list)
+    items: list[WorkItem] = field(default_factory=list)
+    """The items trained into this step so far (with `messages`): what a replay trains again."""
     sample_ids: list[int] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
@@ -73,6 +80,8 @@ class Trainer:
         self.consumed: set[int] = set()
         self.waiting: dict[int, list[tuple[Msg, WorkItem]]] = {}
         self.current = StepAccumulator()
+        self.failed_items = 0  # items that raised in train_item (each retried or dead-lettered)
+        self._gradient_touched = False  # a forward_backward began and has not returned
         self._announcing: asyncio.Task[None] | None = None  # the last step's upload + StepEvent
         self.out_dir = config.run_dir / "trainer"
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,44 +119,89 @@ class Trainer:
             msg, item = self.waiting[self.step].pop(0)
             self.rt.state = "busy"
             started = time.time()
-            trained = await asyncio.to_thread(self.train_item, item)
+            try:
+                trained = await asyncio.to_thread(self.train_item, item)
+            except StalenessError:
+                raise  # an I1 violation is a framework bug, not bad data: stop the run, loudly
+            except Exception as error:
+                await self._item_failed(msg, item, error)
+                continue
             self.current.messages.append(msg)
+            self.current.items.append(item)
             await self.rt.publish_metrics(item.item_id, TRAINER.name, started, trained)
             self.rt.state = "ready"
             if len(self.current.groups) == self.algo.prompts_per_step:
                 await self.finish_step()
 
     def train_item(self, item: WorkItem) -> int:
-        """Accumulate the gradient of one item's groups (blocking). Returns samples trained."""
+        """Accumulate the gradient of one item's groups (blocking). Returns samples trained.
+
+        The step's bookkeeping changes only once the gradient is in: an item that raises leaves
+        the step as it was, except for whatever part of its gradient the engine had added."""
+        live = [sid for sid in item.sample_ids if sid not in self.consumed]
+        failed = dict(item.failed)
+        stats: dict[str, float] = {}
+        columns: dict[str, dict[int, object]] = {}
+        if live:
+            columns = read_columns(self.rt.store, item.inputs, TRAINER.inputs)
+            missing = [sid for sid in live if sid not in columns["reward"] or sid not in columns["response_ids"]]
+            failed.update({sid: "no reward or response reached the trainer" for sid in missing})
+            live = [sid for sid in live if sid not in missing]
+            for sid in live:
+                check_sample(sid, self.step, columns["policy_version"][sid], self.algo.max_staleness)
+        if live:
+            advantages = self._advantages(live, columns["reward"])
+            batch = TrainBatch(
+                prompt_ids=[columns["prompt_ids"][sid] for sid in live],
+                response_ids=[columns["response_ids"][sid] for sid in live],
+                behaviour_logprobs=[columns["behaviour_logprobs"][sid] for sid in live],
+                advantages=[advantages[sid] for sid in live],
+                sample_ids=live,
+            )
+            if self.reference is not None:
+                batch.ref_logprobs = self.reference.compute_logprobs(batch.prompt_ids, batch.response_ids)
+            self._gradient_touched = True
+            stats = self.engine.forward_backward(batch, self.loss_fn)
+            self._gradient_touched = False
         acc = self.current
         acc.groups.update(item.groups)
-        acc.failed.update(item.failed)
-        live = [sid for sid in item.sample_ids if sid not in self.consumed]
-        if not live:
-            return 0
-        columns = read_columns(self.rt.store, item.inputs, TRAINER.inputs)
-        missing = [sid for sid in live if sid not in columns["reward"] or sid not in columns["response_ids"]]
-        for sid in missing:
-            acc.failed[sid] = "no reward or response reached the trainer"
-        live = [sid for sid in live if sid not in missing]
-        for sid in live:
-            check_sample(sid, self.step, columns["policy_version"][sid], self.algo.max_staleness)
-        advantages = self._advantages(live, columns["reward"])
-        batch = TrainBatch(
-            prompt_ids=[columns["prompt_ids"][sid] for sid in live],
-            response_ids=[columns["response_ids"][sid] for sid in live],
-            behaviour_logprobs=[columns["behaviour_logprobs"][sid] for sid in live],
-            advantages=[advantages[sid] for sid in live],
-        )
-        if self.reference is not None:
-            batch.ref_logprobs = self.reference.compute_logprobs(batch.prompt_ids, batch.response_ids)
-        acc.add_stats(self.engine.forward_backward(batch, self.loss_fn))
+        acc.failed.update(failed)
+        acc.add_stats(stats)
         for sid in live:
             self.consumed.add(sid)
             acc.sample_ids.append(sid)
             acc.versions.append(columns["policy_version"][sid])
             acc.rewards.append(columns["reward"][sid])
         return len(live)
+
+    async def _item_failed(self, msg: Msg, item: WorkItem, error: Exception) -> None:
+        """An item raised: retry it later (nak) or, after `broker.max_deliver` tries, dead-letter it,
+        and the scheduler re-sends its groups with their samples failed so the step still closes.
+        If its gradient was partly added, the step's gradients are dropped and its other items
+        trained again first, so nothing counts twice."""
+        deliveries = msg.metadata.num_delivered if msg.metadata else 1
+        reason = f"{type(error).__name__}: {error}"
+        self.failed_items += 1
+        self.rt.log.error("trainer item failed", item=item.item_id, step=self.step, deliveries=deliveries,
+                          max_deliver=self.config.broker.max_deliver, error=reason, failed_items=self.failed_items)
+        if self._gradient_touched:
+            await asyncio.to_thread(self._replay_step)
+        if deliveries >= self.config.broker.max_deliver:
+            await self.rt.dead_letter(TRAINER.name, msg, f"{item.item_id}: {reason}", item)
+        else:
+            await msg.nak(delay=min(2.0 * deliveries, 10.0))
+        self.rt.state = "ready"
+
+    def _replay_step(self) -> None:
+        """Drop the step's accumulated gradients and train its items so far again (blocking)."""
+        done = self.current
+        self.engine.discard_gradients()  # an engine that cannot raises: the trainer stops, loudly
+        self._gradient_touched = False
+        self.consumed.difference_update(done.sample_ids)
+        self.current = StepAccumulator(messages=done.messages, items=done.items, started=done.started)
+        for item in done.items:
+            self.train_item(item)
+        self.rt.log.warning("step replayed after a failed item", step=self.step, items=len(done.items))
 
     def _advantages(self, live: list[int], rewards: dict[int, float]) -> dict[int, float]:
         """GRPO: normalise rewards within each group, over the group's samples that have a reward."""

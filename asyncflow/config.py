@@ -218,6 +218,9 @@ class SimulatedTrainingSettings(_TrainingCommon):
     """Seconds per optimizer step."""
     weights_bytes: int = Field(1 << 20, ge=8)
     """Size of the (meaningless) weights exported each step, so weight sync moves realistic bytes."""
+    fail_samples: list[int] = Field(default_factory=list)
+    """FAULT INJECTION (tests): forward_backward raises whenever its batch holds one of these sample
+    ids, as a trainer crashing on bad data would."""
 
 
 class CustomTrainingSettings(_TrainingCommon):

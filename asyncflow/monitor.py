@@ -29,7 +29,7 @@ from asyncflow.errors import RunError, WireError
 from asyncflow.graph import WORK_STAGES
 from asyncflow.logs import get_logger
 from asyncflow.report import utilisation
-from asyncflow.wire import MetricsEvent, StepEvent, decode
+from asyncflow.wire import DeadLetter, MetricsEvent, StepEvent, decode
 from broker import RunNames, connect
 
 
@@ -106,14 +106,16 @@ class MonitoredRows(list[dict[str, Any]]):
         self.peak_rss_mb: dict[str, float] = {}
         self.actor_roles: dict[str, str] = {}
         """Actor name → role for every process the launcher started, busy or not."""
+        self.dead_letters: dict[str, int] = {}
+        """Stage → work items moved to its dead-letter subject during the run."""
 
 
 def summarize(rows: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
     """summary.json: totals plus mean reward over the first and last 10% of steps.
 
     From `MonitoredRows` it also gives `started_at` (unix seconds), `busy_fraction` per stage (busy
-    seconds / (wall_s × instances of the stage), each actor's overlapping spans counted once) and
-    `peak_rss_mb` per actor.
+    seconds / (wall_s × instances of the stage), each actor's overlapping spans counted once),
+    `peak_rss_mb` per actor and `dead_letters` per stage.
     """
     steps = len(rows)
     window = max(1, round(steps * 0.1))
@@ -139,6 +141,7 @@ def summarize(rows: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
         summary["started_at"] = round(rows.started, 3)
         summary["busy_fraction"] = {stage: round(f, 4) for stage, f in sorted(used.stage_fraction.items())}
         summary["peak_rss_mb"] = dict(sorted(rows.peak_rss_mb.items()))
+        summary["dead_letters"] = dict(sorted(rows.dead_letters.items()))
     return summary
 
 
@@ -179,6 +182,8 @@ class Monitor:
                 await nc.subscribe(f"{self.names.prefix}.metrics.>", cb=self._on_metrics)
                 await js.subscribe(self.names.done("trainer"), stream=self.names.events_stream,
                                    ordered_consumer=True, cb=self._on_step, manual_ack=True)
+                await js.subscribe(f"{self.names.prefix}.dead.>", stream=self.names.events_stream,
+                                   ordered_consumer=True, cb=self._on_dead, manual_ack=True)
                 await self._wait(js)
                 self._sample_memory()
                 # Spans travel on core NATS (no replay): a round trip to the server and a short
@@ -207,6 +212,19 @@ class Monitor:
             peak = peak_rss_mb(actor.process.pid)
             if peak is not None:
                 self.record.peak_rss_mb[actor.name] = max(peak, self.record.peak_rss_mb.get(actor.name, 0.0))
+
+    async def _on_dead(self, msg: Msg) -> None:
+        try:
+            letter = decode(DeadLetter, msg.data, msg.subject)
+        except WireError as error:
+            self.log.error("bad dead letter", error=str(error))
+            return
+        self.record.dead_letters[letter.stage] = self.record.dead_letters.get(letter.stage, 0) + 1
+        line = (f"dead letter at {letter.stage} after {letter.deliveries} deliveries: "
+                f"{letter.item_id or 'unreadable message'}: {letter.reason[:300]}")
+        print(line, file=sys.stdout, flush=True)
+        self.log.warning("dead letter", stage=letter.stage, item=letter.item_id, deliveries=letter.deliveries,
+                         reason=letter.reason)
 
     async def _on_step(self, msg: Msg) -> None:
         try:

@@ -43,12 +43,23 @@ def decode(kind: type[M], payload: bytes, subject: str = "?") -> M:
 
 
 class ChunkRef(Message):
-    """One column chunk in a Flight store: key `<run>/<partition>/<column>/<chunk>` at `location`."""
+    """One column chunk in a Flight store: key `<run>/<partition>/<column>/<chunk>` at `location`,
+    or a slice of it (`offset` set)."""
 
     column: str
     key: str
     location: str
     sample_ids: list[int]
+    offset: int | None = Field(None, ge=0)
+    """None: the whole chunk, whose rows are `sample_ids`. A number: only the chunk's rows offset ..
+    offset + len(sample_ids), which are `sample_ids`; readers then fetch just those rows."""
+
+    def rows(self, start: int, count: int) -> ChunkRef:
+        """The slice of what this ref names from its row `start`, `count` rows long."""
+        if start < 0 or count < 0 or start + count > len(self.sample_ids):
+            raise ValueError(f"rows {start}..{start + count} of {self.key!r}, which names {len(self.sample_ids)} rows")
+        return self.model_copy(update={"offset": (self.offset or 0) + start,
+                                       "sample_ids": self.sample_ids[start:start + count]})
 
 
 class WorkItem(Message):
@@ -118,7 +129,12 @@ class DeadLetter(Message):
     deliveries: int
     reason: str
     payload: str
-    """The original message, decoded as UTF-8 with replacement (it may be garbage)."""
+    """The original message (its first 8 KiB), decoded as UTF-8 with replacement (it may be garbage)."""
+    item_id: str | None = None
+    """The work item's id, partition and groups when the message was a readable WorkItem: what the
+    scheduler needs to act on the letter, whatever the payload's cut left out."""
+    partition: int | None = Field(None, ge=0)
+    groups: list[int] = Field(default_factory=list)
 
 
 class MetricsEvent(Message):

@@ -341,16 +341,25 @@ def plot(results: list[RunResult], level: float, path: Path) -> None:
 
 
 # -------------------------------------------------------------------------------------- main
-def commands(config: Path, out: Path, seed: int, steps: int, ks: Sequence[int],
-             skip_trl: bool) -> list[tuple[str, list[str], Path]]:
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """`NAME:FIELD=VALUE,FIELD=VALUE` -> (NAME, ["FIELD=VALUE", ...])."""
+    name, _, sets = text.partition(":")
+    if not name or not sets or any("=" not in s for s in sets.split(",")):
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected NAME:FIELD=VALUE[,FIELD=VALUE...]")
+    return name, sets.split(",")
+
+
+def commands(config: Path, out: Path, seed: int, steps: int, ks: Sequence[int], skip_trl: bool,
+             variants: Sequence[tuple[str, list[str]]] = ()) -> list[tuple[str, list[str], Path]]:
     """(name, command, directory holding its metrics.jsonl and summary.json) for each run, in order."""
     bin_dir = Path(sys.executable).parent
     runs = []
-    for k in ks:
-        run_dir = out / f"k{k}"
-        runs.append((f"k{k}", [str(bin_dir / "asyncflow"), "run", str(config),
-                               "--set", f"algorithm.max_staleness={k}", "--set", f"run.seed={seed}",
-                               "--set", f"run.steps={steps}", "--run-dir", str(run_dir)], run_dir))
+    af_runs = [(f"k{k}", [f"algorithm.max_staleness={k}"]) for k in ks] + list(variants)
+    for name, sets in af_runs:
+        run_dir = out / name
+        runs.append((name, [str(bin_dir / "asyncflow"), "run", str(config),
+                            *[arg for field in sets for arg in ("--set", field)], "--set", f"run.seed={seed}",
+                            "--set", f"run.steps={steps}", "--run-dir", str(run_dir)], run_dir))
     if not skip_trl:
         trl_dir = out / "trl"
         runs.append(("trl", [sys.executable, "-m", "bench.trl_grpo", "--config", str(config),
@@ -366,6 +375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--ks", default="0,1,2", help="AsyncFlow max_staleness values to run, in order")
+    parser.add_argument("--variant", type=parse_variant, action="append", default=[], metavar="NAME:FIELD=VALUE,...",
+                        help="one more AsyncFlow run after the --ks ones, with these config overrides "
+                             "(e.g. k1t2:algorithm.max_staleness=1,trainer.torch_threads=2); repeatable")
     parser.add_argument("--skip-trl", action="store_true", help="leave out the TRL run")
     parser.add_argument("--level", type=float, default=0.15, help="reward level for 'time to level'")
     parser.add_argument("--interval", type=float, default=0.5, help="memory sampling period (s)")
@@ -386,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         started = time.time()
         results = [run_one(name, command, metrics_dir, args.out / f"{name}.console.log", args.interval)
                    for name, command, metrics_dir in commands(args.config, args.out, args.seed, args.steps, ks,
-                                                               args.skip_trl)]
+                                                               args.skip_trl, args.variant)]
         total_s = time.time() - started
     figs = figures(results, args.level)
     header = (f"learning: {args.config}, seed {args.seed}, {args.steps} steps; runs one after the other, "

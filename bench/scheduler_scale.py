@@ -116,6 +116,8 @@ class Received:
     sample_ids: list[int]
     input_columns: list[str]
     """The columns the item's input ChunkRefs point at."""
+    input_sample_ids: dict[str, list[int]]
+    """Column -> the samples its refs name, in order (a ref may be a slice of a bigger chunk)."""
     worker: int
     min_version: int
     stored_ns: int
@@ -328,6 +330,8 @@ class Harness:
         self.records.received.append(Received(
             stage=stage, item_id=item.item_id, partition=item.partition, groups=list(item.groups),
             sample_ids=list(item.sample_ids), input_columns=sorted({ref.column for ref in item.inputs}),
+            input_sample_ids={column: [sid for ref in item.inputs if ref.column == column for sid in ref.sample_ids]
+                              for column in {ref.column for ref in item.inputs}},
             worker=worker, min_version=item.min_version, stored_ns=stored_ns(msg), received_ns=received,
             announced=self.announced,
         ))

@@ -22,7 +22,7 @@ import pyarrow.flight as flight
 from asyncflow.errors import BackPressureError, StoreError
 from asyncflow.wire import ChunkRef
 from flight_store.keys import column_key, partition_prefix
-from flight_store.protocol import BACK_PRESSURE, UNKNOWN_KEY
+from flight_store.protocol import BACK_PRESSURE, UNKNOWN_KEY, encode_ticket
 
 SAMPLE_ID = "sample_id"
 
@@ -109,10 +109,11 @@ class StoreClient:
         except pa.ArrowException as error:
             raise StoreError(f"put of key {key!r} at {location} failed: {_first_line(str(error))}") from error
 
-    def get_table(self, key: str, location: str) -> pa.Table:
-        """Read the table stored under `key` at `location`."""
+    def get_table(self, key: str, location: str, offset: int | None = None, length: int | None = None) -> pa.Table:
+        """Read the table stored under `key` at `location`, or only its rows offset .. offset + length."""
+        ticket = flight.Ticket(encode_ticket(key, offset, length))
         try:
-            return self._client(location).do_get(flight.Ticket(key.encode()), self._options).read_all()
+            return self._client(location).do_get(ticket, self._options).read_all()
         except flight.FlightError as error:
             raise self._error(error, location, key) from error
         except pa.ArrowException as error:
@@ -152,8 +153,9 @@ class StoreClient:
         return ChunkRef(column=column, key=key, location=location, sample_ids=list(sample_ids))
 
     def get_column(self, ref: ChunkRef) -> pa.Table:
-        """Read a chunk written by put_column, checking it holds what the ref says."""
-        table = self.get_table(ref.key, ref.location)
+        """Read a chunk written by put_column (or the slice of it the ref names), checking it holds
+        the samples the ref says."""
+        table = self.get_table(ref.key, ref.location, ref.offset, None if ref.offset is None else len(ref.sample_ids))
         missing = [name for name in (SAMPLE_ID, ref.column) if name not in table.column_names]
         if missing:
             raise StoreError(f"key {ref.key!r} at {ref.location}: missing column(s) {missing}")

@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from flight_store.protocol import ACTIONS, BACK_PRESSURE, UNKNOWN_KEY
+from flight_store.protocol import ACTIONS, BACK_PRESSURE, BAD_TICKET, UNKNOWN_KEY, decode_ticket
 
 DEFAULT_CAPACITY_BYTES = 2 * 1024**3
 
@@ -114,13 +114,21 @@ class ColumnStoreServer(flight.FlightServerBase):
             self._reserved += size
 
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.RecordBatchStream:
-        key = ticket.ticket.decode("utf-8", errors="replace")
+        try:
+            key, offset, length = decode_ticket(ticket.ticket)
+        except ValueError as error:
+            raise flight.FlightServerError(f"{BAD_TICKET} {error}") from None
         with self._lock:
             table = self._tables.get(key)
             if table is None:
                 raise flight.FlightServerError(f"{UNKNOWN_KEY} {key!r} is not in this store")
+            if offset is not None:
+                if offset + length > table.num_rows:
+                    raise flight.FlightServerError(
+                        f"{BAD_TICKET} rows {offset}..{offset + length} of {key!r}, which has {table.num_rows} rows")
+                table = table.slice(offset, length)  # zero-copy: a view on the stored buffers
             self._counters["gets"] += 1
-            self._counters["bytes_out"] += self._sizes[key]
+            self._counters["bytes_out"] += self._sizes[key] if offset is None else table.nbytes
         # The stream holds its own reference: a concurrent drop cannot pull the data from under it.
         return flight.RecordBatchStream(table)
 

@@ -162,6 +162,17 @@ def test_streamed_steps_stay_in_agreement(pair: tuple[DataParallelTrainingEngine
         assert _max_weight_diff(_weights(dp), _weights(single)) < WEIGHT_ATOL
 
 
+def test_discarded_gradients_are_discarded_on_every_rank(
+        pair: tuple[DataParallelTrainingEngine, TrainingEngine]) -> None:
+    """A failed item's partial gradient, discarded on rank 0 and rank 1 alike: the next step
+    matches the single process that never saw it."""
+    dp, single = pair
+    dp.forward_backward(_batch(single, 4, seed=40), LOSS)
+    dp.discard_gradients()
+    _step_both(dp, single, [_batch(single, 3, seed=41)])
+    assert _max_weight_diff(_weights(dp), _weights(single)) < WEIGHT_ATOL
+
+
 def test_compute_logprobs_matches_one_process(pair: tuple[DataParallelTrainingEngine, TrainingEngine]) -> None:
     dp, single = pair
     batch = _batch(single, 7, seed=5)

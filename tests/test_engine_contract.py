@@ -162,6 +162,22 @@ def test_gradient_accumulation_is_additive(training, training_settings, tiny_mod
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_discarded_gradients_leave_no_trace(training, training_settings, tiny_model_dir):
+    """What the trainer relies on after an item failed part-way: discard, re-accumulate, and the
+    step is exactly as if the discarded gradient had never been added."""
+    twin = make_training_engine(training_settings, tiny_model_dir, temperature=0.8, seed=0)
+    batch = _batch()
+    training.forward_backward(batch, grpo_loss)
+    training.forward_backward(_batch(2), grpo_loss)  # the "failed item", partly added
+    training.discard_gradients()
+    training.forward_backward(batch, grpo_loss)  # the replay
+    twin.forward_backward(batch, grpo_loss)
+    training.optimizer_step(1 / 4)
+    twin.optimizer_step(1 / 4)
+    for (name, a), (_, b) in zip(training.export_weights(), twin.export_weights(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_save_pretrained_loads_in_transformers(training, tmp_path, reference):
     from transformers import AutoModelForCausalLM
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.flight as flight
 import pytest
 import torch
 
@@ -183,6 +184,22 @@ def test_get_column_checks_sample_ids_and_columns(client: StoreClient):
         client.get_column(ref.model_copy(update={"column": "logprobs"}))
     with pytest.raises(ValueError, match="2 values for 3 sample ids"):
         client.put_column("r", 0, "tokens", "c1", [1, 2, 3], token_lists([[1], [2]]))
+
+
+def test_slice_refs_read_only_their_rows(client: StoreClient):
+    ref = client.put_column("r", 0, "tokens", "prompts", [10, 11, 12, 13], token_lists([[0], [1, 1], [2], [3]]))
+    middle = ref.rows(1, 2)
+    assert (middle.offset, middle.sample_ids) == (1, [11, 12])
+    assert client.get_column(middle).column("tokens").to_pylist() == [[1, 1], [2]]
+    assert middle.rows(1, 1).offset == 2  # a slice of a slice counts from the chunk's first row
+    assert client.get_column(ref).num_rows == 4  # the whole chunk as before
+    with pytest.raises(ValueError, match="rows 3..5"):
+        ref.rows(3, 2)
+    beyond = middle.model_copy(update={"offset": 3})  # e.g. a ref to a chunk re-put shorter
+    with pytest.raises(StoreError, match=r"rows 3..5 of 'r/0/tokens/prompts', which has 4 rows"):
+        client.get_column(beyond)
+    with pytest.raises(flight.FlightServerError, match="bad ticket"):
+        client._client(ref.location).do_get(flight.Ticket(b'{"key": 1}')).read_all()
 
 
 def test_weights_round_trip_is_bit_exact(client: StoreClient):

@@ -38,6 +38,8 @@ def check_dispatch(records: Records, k: int, instances: int) -> None:
         assert r.input_columns == INPUTS[r.stage], r
         ids = {sid for g in r.groups for sid in group_sample_ids(r.partition, g, PROMPTS, GROUP)}
         assert set(r.sample_ids) == ids, r  # no failures here: every sample of its groups
+        # Each input names exactly the item's samples: the prompts as slices of the partition's chunk.
+        assert all(named == r.sample_ids for named in r.input_sample_ids.values()), r
         assert r.item_id.startswith(f"{r.stage}-p{r.partition}-")
     # Exactly once per stage, for every partition the (simulated) trainer finished.
     for stage in STAGES:

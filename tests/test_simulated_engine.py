@@ -23,6 +23,7 @@ from asyncflow.config import SimulatedInferenceSettings, SimulatedTrainingSettin
 from asyncflow.engines import SamplingParams, TrainBatch, make_inference_engine, make_training_engine
 from asyncflow.engines.simulated import response_length
 from asyncflow.launcher import run
+from asyncflow.partitions import group_sample_ids
 from tests.conftest import make_tiny_config
 
 
@@ -164,3 +165,37 @@ def test_phase_barrier_baseline_trains_only_after_every_reward(tmp_path, tiny_mo
     # Streaming: with one instance 4× slower, groups from the fast one are trained before the slow
     # one's last group has its reward, in at least one partition.
     assert any(first_training_before_last_reward(spans_of[False]))
+
+
+@pytest.mark.slow
+def test_a_trainer_item_that_keeps_failing_is_dead_lettered_and_its_step_closes_without_it(
+        tmp_path, tiny_model_dir, arith_dataset):
+    """A poison trainer item (fault injection: the simulated trainer raises whenever a batch holds
+    one of partition 1's group-2 samples). The trainer retries it `max_deliver` times, dead-letters
+    it, the scheduler re-sends the group with its samples failed under a new msg id (JetStream would
+    drop a same-id re-send as a duplicate), and the run ends with every step: those samples failed
+    and counted, every other sample trained exactly once."""
+    steps, prompts, group = 3, 4, 4
+    poisoned = group_sample_ids(1, 2, prompts, group)
+    config = make_tiny_config(
+        tmp_path, tiny_model_dir, arith_dataset, 1, "sim-poison", steps=steps, prompts=prompts, group=group,
+        broker={"max_deliver": 2},
+        rollout={"engine": {"type": "simulated", "slots": 8, "per_token_s": 0.001, "mean_tokens": 4}},
+        trainer={"save_final": False, "engine": {"type": "simulated", "per_token_s": 0.0001,
+                                                 "fail_samples": [poisoned[1]]}},
+        sampling={"max_new_tokens": 8},
+        reward={"function": "asyncflow.engines.simulated:simulated_reward"},
+    )
+    summary = run(config)
+    assert summary["steps"] == steps
+    assert summary["failed_samples"] == group
+    assert summary["dead_letters"] == {"trainer": 1}
+
+    trained = sorted(r["sample_id"] for r in read_records(config.run_dir))
+    assert trained == sorted(set(range(steps * prompts * group)) - set(poisoned))
+    failed = read_records(config.run_dir, "failed_samples")
+    assert sorted(r["sample_id"] for r in failed) == poisoned
+    assert all(r["step"] == 1 and "dead-lettered at trainer" in r["reason"] and "fault injection" in r["reason"]
+               for r in failed)
+    spans = [json.loads(line) for line in (config.run_dir / "spans.jsonl").read_text().splitlines()]
+    assert "trainer-p1-g2-r1" in {s["item_id"] for s in spans if s["stage"] == "trainer"}

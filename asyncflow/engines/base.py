@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -61,6 +61,8 @@ class TrainBatch:
     behaviour_logprobs: list[list[float]]
     advantages: list[float]
     ref_logprobs: list[list[float]] | None = None
+    sample_ids: list[int] = field(default_factory=list)
+    """The samples' ids, when the caller knows them (for error messages; engines need not use them)."""
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -102,6 +104,12 @@ class TrainingEngine(ABC):
     @abstractmethod
     def optimizer_step(self, grad_scale: float) -> dict[str, float]:
         """Multiply accumulated gradients by `grad_scale`, clip, step, zero them; returns {'grad_norm': …}."""
+
+    def discard_gradients(self) -> None:
+        """Drop every gradient accumulated since the last optimizer step. The trainer calls it when
+        an item fails part-way, then replays the step's other items, so that no sample's gradient
+        counts twice. An engine that cannot do this makes a failed item stop the trainer."""
+        raise EngineError(f"{type(self).__name__} cannot discard accumulated gradients")
 
     @abstractmethod
     def compute_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:

@@ -115,6 +115,7 @@ def _slice_batch(batch: TrainBatch, start: int, end: int) -> TrainBatch:
         behaviour_logprobs=batch.behaviour_logprobs[start:end],
         advantages=batch.advantages[start:end],
         ref_logprobs=None if batch.ref_logprobs is None else batch.ref_logprobs[start:end],
+        sample_ids=batch.sample_ids[start:end],
     )
 
 
@@ -372,6 +373,8 @@ def _worker_main(rank: int, init: _WorkerInit, conn: Connection) -> None:
                     result = _synced_step(replica, params, group, *args)
                 elif command == "compute_logprobs":
                     result = replica.compute_logprobs(*args)
+                elif command == "discard_gradients":
+                    result = replica.discard_gradients()
                 else:
                     raise EngineError(f"unknown data-parallel command {command!r}")
                 _send(conn, ("ok", seq, result))
@@ -521,6 +524,9 @@ class DataParallelTrainingEngine(TrainingEngine):
             collective=True,
         )
         return results[0]
+
+    def discard_gradients(self) -> None:
+        self._run("discard_gradients", [()] * self.world, lambda: self._replica.discard_gradients())
 
     def compute_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         if len(prompt_ids) != len(response_ids):

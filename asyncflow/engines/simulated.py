@@ -41,6 +41,7 @@ from asyncflow.engines.base import (
     TrainBatch,
     TrainingEngine,
 )
+from asyncflow.errors import EngineError
 
 SIMULATED_LOGPROB = -1.0  # every simulated token's logprob: on-policy ratios are exactly 1
 
@@ -117,6 +118,9 @@ class SimulatedTrainingEngine(TrainingEngine):
         self.accumulated_samples = 0
 
     def forward_backward(self, batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
+        poisoned = sorted(set(batch.sample_ids) & set(self.settings.fail_samples))
+        if poisoned:
+            raise EngineError(f"fault injection: samples {poisoned} are in fail_samples")
         tokens = sum(len(r) for r in batch.response_ids)
         all_tokens = tokens + sum(len(p) for p in batch.prompt_ids)
         time.sleep(self.settings.per_token_s * all_tokens / self.settings.workers)
@@ -131,6 +135,9 @@ class SimulatedTrainingEngine(TrainingEngine):
         advantages = torch.tensor(batch.advantages, dtype=torch.float32)
         _, stats = loss_fn(logprobs, logprobs.clone(), advantages, mask, None)
         return stats
+
+    def discard_gradients(self) -> None:
+        self.accumulated_samples = 0
 
     def optimizer_step(self, grad_scale: float) -> dict[str, float]:
         time.sleep(self.settings.step_s)

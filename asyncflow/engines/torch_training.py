@@ -159,6 +159,9 @@ class TorchTrainingEngine(TrainingEngine):
                 accumulate_stats(totals, stats)
         return totals
 
+    def discard_gradients(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
     def optimizer_step(self, grad_scale: float) -> dict[str, float]:
         parameters = [p for p in self.model.parameters() if p.grad is not None]
         for p in parameters:
