@@ -13,6 +13,7 @@ import asyncio
 from nats.aio.msg import Msg
 
 from actors.runtime import ActorRuntime
+from asyncflow.checkpoint import initial_policy
 from asyncflow.errors import WireError
 from asyncflow.graph import TRAINER
 from asyncflow.wire import StepEvent, WeightsEvent, decode
@@ -25,8 +26,9 @@ KEEP_VERSIONS = 2
 class ParamSync:
     def __init__(self, runtime: ActorRuntime) -> None:
         self.rt = runtime
-        self.latest = 0
-        self.dropped_below = 1  # version 0 lives on disk, not in the store
+        # The starting version (0, or N after a resume from checkpoint step-N) lives on disk, not in the store.
+        _, self.latest = initial_policy(runtime.config)
+        self.dropped_below = self.latest + 1
 
     async def run(self) -> None:
         await self.rt.subscribe_events(self.rt.names.done(TRAINER.name), self.on_step)

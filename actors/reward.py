@@ -2,7 +2,9 @@
 
 The function is `fn(prompt: str, response: str, **row_fields) -> float`. A call that raises,
 exceeds `reward.timeout_s` or returns something that is not a finite number marks that one
-sample failed (counted, never trained) — it is never turned into a reward of 0.
+sample failed (counted, never trained) — it is never turned into a reward of 0. Calls run on the
+`RewardCaller`'s own threads (`asyncflow/rewards.py`): a hanging function holds at most
+`DEFAULT_MAX_HUNG` of them, and samples fail without a call while that many are stuck.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from actors.runtime import ActorRuntime, read_columns
 from asyncflow.graph import REWARD
 from asyncflow.hooks import load_callable
 from asyncflow.partitions import group_of
-from asyncflow.rewards import check_reward
+from asyncflow.rewards import RewardCaller, RewardFailure
 from asyncflow.wire import ChunkRef, DoneEvent, WorkItem
 
 
@@ -28,6 +30,7 @@ class Reward:
         self.rt = runtime
         self.config = runtime.config
         self.function = load_callable(self.config.reward.function, "reward.function")
+        self.caller = RewardCaller(self.function, self.config.reward.function, self.config.reward.timeout_s)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.config.model.path))
         self.failed_total = 0
 
@@ -36,11 +39,7 @@ class Reward:
         await self.rt.wait_stopped()
 
     async def score(self, meta: dict[str, Any], response: str) -> float:
-        result = await asyncio.wait_for(
-            asyncio.to_thread(self.function, meta["prompt"], response, **meta["fields"]),
-            timeout=self.config.reward.timeout_s,
-        )
-        return check_reward(result)
+        return await self.caller(meta["prompt"], response, meta["fields"])
 
     async def handle(self, item: WorkItem) -> None:
         started = time.time()
@@ -52,14 +51,17 @@ class Reward:
             response = self.tokenizer.decode(columns["response_ids"][sid], skip_special_tokens=True)
             try:
                 rewards[sid] = await self.score(meta, response)
-            except TimeoutError:
-                failed[sid] = f"reward function timed out after {self.config.reward.timeout_s} s"
-            except Exception as error:  # user code: anything can happen; the sample fails, the actor lives
-                failed[sid] = f"reward function {self.config.reward.function} {type(error).__name__}: {error}"
+            except RewardFailure as failure:
+                failed[sid] = str(failure)[:1000]  # a user's exception text can be long
         if failed:
             self.failed_total += len(failed)
+            counters = self.rt.counters
+            counters["reward_failed"] = self.failed_total
+            counters["reward_timeouts"], counters["reward_not_called"] = self.caller.timeouts, self.caller.not_called
+            counters["reward_hung_now"], counters["reward_threads"] = self.caller.hung, self.caller.threads
             self.rt.log.warning("reward failed for samples", item=item.item_id, failed=len(failed),
-                                failed_total=self.failed_total, first_reason=next(iter(failed.values())))
+                                failed_total=self.failed_total, hung_calls=self.caller.hung,
+                                first_reason=next(iter(failed.values())))
         chunks = await asyncio.to_thread(self._write, item, rewards)
         event = DoneEvent(
             stage=REWARD.name, item_id=item.item_id, actor=self.rt.actor_id, partition=item.partition,

@@ -23,6 +23,7 @@ from nats.js.api import DeliverPolicy
 
 from actors.runtime import ActorRuntime, read_columns
 from actors.weight_prefetch import WeightPrefetcher
+from asyncflow.checkpoint import initial_policy
 from asyncflow.engines import SamplingParams, make_inference_engine
 from asyncflow.errors import WireError
 from asyncflow.graph import ROLLOUT
@@ -38,15 +39,17 @@ class Rollout:
         self.rt = runtime
         config = runtime.config
         self.config = config
-        self.engine = make_inference_engine(config.rollout.engine, config.model.path, config.model.dtype,
+        # model.path as version 0, or a resumed run's checkpoint as version N.
+        start_path, start_version = initial_policy(config)
+        self.engine = make_inference_engine(config.rollout.engine, start_path, config.model.dtype,
                                             instance=runtime.instance)
         self.params = SamplingParams(
             temperature=config.sampling.temperature,
             top_p=config.sampling.top_p,
             max_new_tokens=config.sampling.max_new_tokens,
         )
-        self.version = 0
-        self.rt.policy_version = 0
+        self.version = start_version
+        self.rt.policy_version = start_version
         self.prefetcher = WeightPrefetcher(runtime.store, config.rollout.prefetch_weights, runtime.actor_id)
         self.concurrency = config.rollout.concurrent_items if self.engine.concurrent_requests else 1
         # Generation calls in flight, and whether a swap is holding new ones back (batch boundary).

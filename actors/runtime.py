@@ -3,7 +3,10 @@ stop signal, and the work loop that turns queue messages into handler calls.
 
 The work loop is where failures are contained: a message that does not parse is dead-lettered at
 once; a handler that raises gets its item redelivered (nak) until `max_deliver`, then the item goes
-to `af.<run>.dead.<stage>` so it cannot loop forever. Every wait has a timeout.
+to `af.<run>.dead.<stage>` so it cannot loop forever. An item whose input chunks a store lost (it
+died and came back empty: `MissingChunkError`) is not retried: it is reported on
+`af.<run>.lost.<stage>` and dropped, and the scheduler re-issues its groups (lineage recovery).
+Every wait has a timeout.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -22,13 +26,32 @@ from nats.js.api import DeliverPolicy
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
+from actors.micro import ActorService, ActorStats
 from asyncflow.config import Config
-from asyncflow.errors import BrokerError, WireError
-from asyncflow.logs import get_logger
-from asyncflow.wire import Control, DeadLetter, Heartbeat, Message, MetricsEvent, WorkItem, decode
+from asyncflow.errors import BrokerError, MissingChunkError, WireError
+from asyncflow.logs import bind_process, get_logger
+from asyncflow.security import store_client_options
+from asyncflow.wire import (
+    REJECTED,
+    ChunkRef,
+    Control,
+    DeadLetter,
+    Heartbeat,
+    LostEvent,
+    Message,
+    MetricsEvent,
+    WorkItem,
+    decode,
+)
 from broker import RunNames, connect, ensure_topology
 from broker.names import KV_STORES
 from flight_store import StoreClient
+
+PUBLISH_ATTEMPTS = 3
+"""Sends of one JetStream publish that carries a msg id before giving up (acks lost to a broker restart)."""
+STORE_UNAVAILABLE_WAIT_S = 30.0
+"""How long a put or get to an unreachable store is retried: far longer than the launcher takes to
+restart a store on its port (~1-2 s), far shorter than a run's stall timeout."""
 
 
 class ActorRuntime:
@@ -42,6 +65,8 @@ class ActorRuntime:
         self.actor_id = f"{role}-{instance}"
         self.names = RunNames(config.run.name)
         self.log = get_logger(run=config.run.name, actor=self.actor_id, role=role, stage=role)
+        # The same keys on every line of the process, also from loggers of shared code (NATS connection).
+        bind_process(run=config.run.name, actor=self.actor_id, role=role, stage=role)
         self.stop = asyncio.Event()
         self.state: str = "starting"
         self.policy_version: int | None = None
@@ -49,23 +74,40 @@ class ActorRuntime:
         self.fatal: BaseException | None = None
         self._busy_items = 0
         self.timeout_s = config.broker.request_timeout_s
+        self.stats = ActorStats()
+        self.counters: Counter[str] = Counter()
+        """Role-specific counts of bad input met (failed reward calls, bad events, ...): in `stats`
+        and in the final log line, with the messages `decode` rejected in this process."""
 
     async def __aenter__(self) -> ActorRuntime:
-        self.nc = await connect(self.nats_url, name=f"asyncflow-{self.actor_id}")
+        # Credentials and TLS from config.security + this process's environment (docs/security.md).
+        self.nc = await connect(self.nats_url, name=f"asyncflow-{self.actor_id}", security=self.config.security)
         self.js = self.nc.jetstream(timeout=self.timeout_s)
         # Idempotent: an actor started by hand against a bare broker sets up what it needs.
         broker = self.config.broker
         await ensure_topology(self.js, self.names, ack_wait_s=broker.ack_wait_s, max_deliver=broker.max_deliver)
         self.kv: KeyValue = await self.js.key_value(self.names.kv_bucket)
         locations = await self._store_locations()
-        self.store = StoreClient(locations)
+        # A full store makes producers wait for room (the trainer frees it) rather than fail their
+        # work; a store full for a whole stall timeout fails the run anyway, so no longer than that.
+        self.store = StoreClient(locations, backpressure_wait_s=self.config.run.stall_timeout_s,
+                                 unavailable_wait_s=STORE_UNAVAILABLE_WAIT_S,
+                                 **store_client_options(self.config.security))
         self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
         await self.nc.subscribe(self.names.control, cb=self._on_control)
+        # `asyncflow-<role>` micro service (actors/micro.py): `nats micro ls` / `stats` / `health`.
+        self.service = ActorService(self.nc, self.names, self.role, self.actor_id, self.instance,
+                                    self.stats_snapshot, self.timeout_s)
+        await self.service.start()
         self.log.info("actor started", nats=self.nats_url, stores=locations, pid=os.getpid())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self.state = "stopping"
+        try:  # first, so discovery stops listing the actor before it goes
+            await self.service.stop()
+        except Exception as error:
+            self.log.warning("micro service stop failed", error=f"{type(error).__name__}: {error}")
         with contextlib.suppress(Exception):
             await self._write_heartbeat()
         for task in self._tasks:
@@ -78,7 +120,7 @@ class ActorRuntime:
         with contextlib.suppress(Exception):
             await self.nc.close()
         self.store.close()
-        self.log.info("actor stopped")
+        self.log.info("actor stopped", rejected_messages=dict(REJECTED), counters=self.counts())
 
     async def _store_locations(self) -> list[str]:
         """The stores the launcher registered in KV, else the ones the config names."""
@@ -116,7 +158,7 @@ class ActorRuntime:
         try:
             command = decode(Control, msg.data, msg.subject)
         except WireError as error:
-            self.log.warning("ignored bad control message", error=str(error))
+            self.log.warning("ignored bad control message", error=str(error), rejected=REJECTED["control"])
             return
         if command.command == "stop":
             self.log.info("stop requested", reason=command.reason)
@@ -129,6 +171,28 @@ class ActorRuntime:
             self.fatal = error
         self.stop.set()
 
+    def counts(self) -> dict[str, int]:
+        """`counters` plus the puts that had to wait for room in a full store."""
+        store = getattr(self, "store", None)
+        waits = ({"store_backpressure_waits": store.backpressure_waits,
+                  "store_unavailable_waits": store.unavailable_waits} if store is not None else {})
+        return {**self.counters, **waits}
+
+    def stats_snapshot(self) -> dict[str, Any]:
+        """What the micro service's `stats` endpoint serves (JSON)."""
+        stats, now = self.stats, time.time()
+        return {
+            "run": self.names.run, "actor": self.actor_id, "role": self.role, "instance": self.instance,
+            "host": socket.gethostname(), "pid": os.getpid(), "state": self.state,
+            "policy_version": self.policy_version, "uptime_s": round(now - stats.started, 3),
+            "items_done": stats.items_done, "samples_done": stats.samples_done,
+            "items_failed": stats.items_failed, "dead_lettered": stats.dead_lettered,
+            "in_flight": self._busy_items, "busy_s": round(stats.busy_s, 3),
+            "last_item_age_s": None if stats.last_item_at is None else round(now - stats.last_item_at, 3),
+            "error": None if self.fatal is None else f"{type(self.fatal).__name__}: {self.fatal}",
+            "rejected_messages": dict(REJECTED), "counters": self.counts(),
+        }
+
     async def wait_stopped(self) -> None:
         await self.stop.wait()
         if self.fatal is not None:
@@ -137,32 +201,57 @@ class ActorRuntime:
     # -- publishing -------------------------------------------------------------------------
 
     async def publish(self, subject: str, message: Message, msg_id: str | None = None) -> None:
-        """Durable publish (JetStream, acked by the server); `msg_id` de-duplicates re-sends."""
+        """Durable publish (JetStream, acked by the server); `msg_id` de-duplicates re-sends, so a
+        publish with one is retried (PUBLISH_ATTEMPTS in all) when its ack is lost, e.g. to a broker
+        restart."""
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
-        await self.js.publish(subject, message.encode(), timeout=self.timeout_s, headers=headers)
+        for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+            try:
+                await self.js.publish(subject, message.encode(), timeout=self.timeout_s, headers=headers)
+                return
+            except Exception as error:
+                if msg_id is None or attempt == PUBLISH_ATTEMPTS:
+                    raise
+                self.log.warning("publish not acknowledged, retrying", subject=subject, attempt=attempt,
+                                 error=f"{type(error).__name__}: {error}")
 
     async def publish_many(self, messages: Sequence[tuple[str, Message, str | None]]) -> None:
         """Durable publish of (subject, message, msg_id) triples, pipelined: every message is sent
         before any server ack is awaited, so n messages cost about one round trip instead of n.
-        Raises BrokerError if the server refuses one or does not ack them all within the timeout."""
-        acks = []
-        for subject, message, msg_id in messages:
-            headers = {"Nats-Msg-Id": msg_id} if msg_id else None
-            acks.append(await self.js.publish_async(subject, message.encode(), headers=headers))
-        try:
-            results = await asyncio.wait_for(asyncio.gather(*acks, return_exceptions=True), self.timeout_s)
-        except TimeoutError:
-            raise BrokerError(f"{self.actor_id}: {len(acks)} JetStream publishes (first on {messages[0][0]}) "
-                              f"not acknowledged within {self.timeout_s} s") from None
-        for (subject, _, _), result in zip(messages, results, strict=True):
-            if isinstance(result, BaseException):
-                raise BrokerError(f"{self.actor_id}: JetStream publish on {subject} failed: {result!r}") from result
+        Messages with a msg id whose ack is lost (a broker restart) are sent again, up to
+        PUBLISH_ATTEMPTS times in all: the id makes that safe. Raises BrokerError if the server
+        refuses one or does not ack them all in the end."""
+        pending = list(messages)
+        for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+            acks = []
+            for subject, message, msg_id in pending:
+                headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+                acks.append(await self.js.publish_async(subject, message.encode(), headers=headers))
+            done, not_done = await asyncio.wait(acks, timeout=self.timeout_s)
+            for future in not_done:
+                future.cancel()
+            failed: list[tuple[tuple[str, Message, str | None], BaseException]] = []
+            for entry, future in zip(pending, acks, strict=True):
+                if future not in done:
+                    failed.append((entry, TimeoutError(f"no ack within {self.timeout_s} s")))
+                elif (error := future.exception()) is not None:
+                    failed.append((entry, error))
+            if not failed:
+                return
+            subject, _, msg_id = failed[0][0]
+            if attempt == PUBLISH_ATTEMPTS or any(entry[2] is None for entry, _ in failed):
+                raise BrokerError(f"{self.actor_id}: {len(failed)} of {len(pending)} JetStream publishes (first on "
+                                  f"{subject}) failed after {attempt} attempt(s): {failed[0][1]!r}")
+            self.log.warning("publishes not acknowledged, retrying", failed=len(failed), first_subject=subject,
+                             attempt=attempt, error=repr(failed[0][1]))
+            pending = [entry for entry, _ in failed]
 
     async def publish_metrics(self, item_id: str, stage: str, start: float, samples: int, tokens: int = 0,
                               end: float | None = None) -> None:
         """One busy span (start → end, default now) for the timeline and the busy fractions."""
         span = MetricsEvent(actor=self.actor_id, stage=stage, item_id=item_id, start=start,
                             end=time.time() if end is None else end, samples=samples, tokens=tokens)
+        self.stats.span(span.start, span.end, samples)
         await self.nc.publish(self.names.metrics(self.actor_id), span.encode())
 
     async def subscribe_events(
@@ -193,7 +282,30 @@ class ActorRuntime:
                             groups=item.groups if item else [])
         await self.publish(self.names.dead(stage), letter)
         await msg.term()
+        self.stats.dead_lettered += 1
         self.log.error("work item dead-lettered", stage=stage, deliveries=deliveries, reason=reason)
+
+    async def report_lost(self, stage: str, msg: Msg, item: WorkItem, lost: list[ChunkRef],
+                          error: BaseException) -> None:
+        """Report that `item`'s inputs `lost` are gone from their store (LostEvent on
+        `af.<run>.lost.<stage>`) and drop the item from the queue (term): the scheduler re-issues its
+        groups under new item ids. If the report cannot be published the item is retried later."""
+        event = LostEvent(stage=stage, item_id=item.item_id, actor=self.actor_id, partition=item.partition,
+                          groups=item.groups, sample_ids=item.sample_ids, lost=lost, reason=str(error)[:2000])
+        try:
+            await self.publish(self.names.lost(stage), event, msg_id=f"{item.item_id}-lost")
+        except Exception as publish_error:
+            self.log.error("could not report lost inputs; retrying the item", item=item.item_id,
+                           error=f"{type(publish_error).__name__}: {publish_error}")
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=2.0)
+            return
+        with contextlib.suppress(Exception):  # a term lost to a broker blip: redelivered, reported again (dedup'd)
+            await msg.term()
+        self.counters["inputs_lost"] += 1
+        self.log.warning("inputs lost with a store; item reported for re-issue", item=item.item_id,
+                         partition=item.partition, groups=item.groups, lost=[ref.key for ref in lost],
+                         inputs_lost=self.counters["inputs_lost"])
 
     async def serve_work(
         self, stage: str, handler: Callable[[WorkItem], Awaitable[None]], concurrency: int = 1
@@ -235,8 +347,13 @@ class ActorRuntime:
         try:
             await handler(item)
         except Exception as error:
+            lost = lost_inputs(item, error)
+            if lost:  # lineage recovery: retrying cannot bring the chunks back; the scheduler re-issues
+                await self.report_lost(stage, msg, item, lost, error)
+                return False
             deliveries = msg.metadata.num_delivered if msg.metadata else 1
             reason = f"{type(error).__name__}: {error}"
+            self.stats.items_failed += 1
             self.log.exception("work item failed", item=item.item_id, deliveries=deliveries)
             if deliveries >= self.config.broker.max_deliver:
                 await self.dead_letter(stage, msg, f"{item.item_id}: {reason}", item)
@@ -248,7 +365,13 @@ class ActorRuntime:
             self._busy_items -= 1
             if self._busy_items == 0:
                 self.state = "ready"
-        await msg.ack_sync(timeout=self.timeout_s)
+        try:
+            await msg.ack_sync(timeout=self.timeout_s)
+        except Exception as error:
+            # The work is done and announced (done events carry msg ids); an ack lost to a broker
+            # restart only means the item comes back after ack_wait and is done again, harmlessly.
+            self.log.warning("ack not confirmed; the item may be redelivered", item=item.item_id,
+                             error=f"{type(error).__name__}: {error}")
         return True
 
     async def _keep_in_progress(self, msg: Msg) -> None:
@@ -264,13 +387,31 @@ def read_columns(store: StoreClient, refs: list[Any], columns: tuple[str, ...]) 
     """Fetch the chunks of `columns` named in `refs` (blocking; run it in a thread).
 
     Returns column → {sample id → value}; each chunk's rows are matched by their sample_id column.
+    Chunks a store no longer holds are all looked for before one MissingChunkError names every one
+    of them, so that a work item's loss is reported whole (see `lost_inputs`).
     """
     values: dict[str, dict[int, Any]] = {column: {} for column in columns}
+    missing: list[tuple[str, str]] = []
     for ref in refs:
         if ref.column not in values:
             continue
-        table = store.get_column(ref)
+        try:
+            table = store.get_column(ref)
+        except MissingChunkError as error:
+            missing += error.missing
+            continue
         ids = table.column("sample_id").to_pylist()
         for sample_id, value in zip(ids, table.column(ref.column).to_pylist(), strict=True):
             values[ref.column][sample_id] = value
+    if missing:
+        raise MissingChunkError(missing)
     return values
+
+
+def lost_inputs(item: WorkItem, error: BaseException) -> list[ChunkRef]:
+    """The refs among `item`'s inputs whose keys `error` says a store no longer holds; empty when the
+    error is anything else (or a missing key that is not an input, e.g. a policy version's weights)."""
+    if not isinstance(error, MissingChunkError):
+        return []
+    keys = error.keys
+    return [ref for ref in item.inputs if ref.key in keys]

@@ -9,6 +9,21 @@ that group gets a work item at once — no barrier between stages or between gro
 Handling an event is bookkeeping only: work items go to an outbox that a background task
 publishes in pipelined batches (sent at once, acks awaited together), and another task drops
 trained partitions from the store; so the event stream never waits for a broker or store round trip.
+
+A restarted scheduler rebuilds its state from the EVENTS stream before it dispatches anything: it
+replays every event up to the stream's last sequence at start (done events, steps, weights, dead
+letters), then admits the partitions the staleness bound allows again, skipping trained ones, and
+sends each group the work it has not finished. Re-sent items keep their ids, so JetStream's
+duplicate window (2 minutes) drops those still queued; one sent again after that is done twice
+and harmless: done events only add refs, and the trainer skips sample ids it has trained.
+
+Lineage recovery: a stage that finds its input chunks gone (a store died and came back empty)
+reports them on `af.<run>.lost.<stage>` (`LostEvent`) instead of retrying. The scheduler forgets
+those refs and every column that re-creating them makes stale (a new response invalidates the old
+reward), re-writes the partition's prompts if they were lost (a pure function of seed, partition and
+group, so identical), and re-dispatches the groups from the earliest stage whose inputs survive,
+under new item ids (`-r<n>`: JetStream would drop a re-send under the old id as a duplicate).
+Re-issued rollout keeps the partition's `min_version` (I2); the trainer skips ids it has trained.
 """
 
 from __future__ import annotations
@@ -26,15 +41,29 @@ from nats.aio.msg import Msg
 from transformers import AutoTokenizer
 
 from actors.runtime import ActorRuntime
-from asyncflow.dataset import load_prompts, tokenize_prompt
-from asyncflow.errors import WireError
+from asyncflow.checkpoint import initial_policy
+from asyncflow.dataset import load_data, tokenize_prompt
+from asyncflow.errors import BrokerError, WireError
 from asyncflow.graph import GRPO_GRAPH, PROMPT, ROLLOUT, TRAINER, Stage
 from asyncflow.partitions import group_sample_ids, pack_by_budget, prompt_index
 from asyncflow.staleness import admissible_partitions, min_version
-from asyncflow.wire import ChunkRef, DeadLetter, DoneEvent, StepEvent, WeightsEvent, WorkItem, decode
+from asyncflow.wire import (
+    ChunkRef,
+    DeadLetter,
+    DoneEvent,
+    LostEvent,
+    StepEvent,
+    WeightsEvent,
+    WorkItem,
+    decode,
+)
 from broker.names import KV_PROGRESS
 from flight_store.columns import token_lists
 
+REPLAY_TIMEOUT_S = 120.0
+"""Longest a (re)started scheduler waits to replay the EVENTS stream before it gives up, loudly."""
+DROP_ATTEMPTS = 5
+"""Tries to drop a trained partition (and record progress) before the scheduler gives up, loudly."""
 MAX_BATCHES_IN_FLIGHT = 8
 """Batches of work items whose broker acks the scheduler awaits at once (back-pressure beyond)."""
 PROMPT_LOOKAHEAD = 2
@@ -52,8 +81,9 @@ class GroupState:
     failed: dict[int, str] = field(default_factory=dict)
     dispatched: set[str] = field(default_factory=set)
     resent: dict[str, int] = field(default_factory=dict)
-    """Stage → times its item was sent again (a dead-lettered trainer item is re-sent, with a new id:
-    JetStream would drop a re-send under the same msg id as a duplicate)."""
+    """Stage → times its item was sent again (a dead-lettered trainer item is re-sent, and a group whose
+    inputs a store lost is re-issued, each with a new id: JetStream would drop a re-send under the same
+    msg id as a duplicate)."""
 
     @property
     def live_ids(self) -> list[int]:
@@ -71,11 +101,14 @@ class Scheduler:
         config = runtime.config
         self.config = config
         self.algo = config.algorithm
-        self.rows = load_prompts(config.data.path, config.data.prompt_field)
+        self.rows = load_data(config.data)
         self.tokenizer = AutoTokenizer.from_pretrained(str(config.model.path))
-        self.latest_version = 0  # version 0 = the initial weights every engine loads from disk
-        self.next_partition = 0  # admission goes in order: every partition below this one is admitted
-        self.trained: set[int] = set()
+        # The version every engine loads from disk: 0, or N for a run resumed from checkpoint step-N,
+        # whose partitions below N are trained already.
+        _, start = initial_policy(config)
+        self.latest_version = start
+        self.next_partition = start  # admission goes in order: every partition below this one is admitted
+        self.trained: set[int] = set(range(start))
         # partition -> group -> state, for partitions admitted and not yet trained.
         self.partitions: dict[int, dict[int, GroupState]] = {}
         # phase_barrier: partition -> groups whose trainer inputs are all ready.
@@ -84,10 +117,15 @@ class Scheduler:
         self._admit_lock = asyncio.Lock()
         # partition -> its prompts being written ahead of admission: (column refs, group prompt lengths)
         self._staged: dict[int, asyncio.Task[tuple[dict[str, ChunkRef], list[int]]]] = {}
+        self._rewrites: set[asyncio.Task[None]] = set()  # prompts being written again after a store loss
         self._outbox: list[WorkItem] = []
         self._outbox_filled = asyncio.Event()
         self._batches: set[asyncio.Task[None]] = set()  # published, awaiting their acks
         self._trained_queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+        # Replaying the EVENTS stream at start: state is rebuilt, nothing is dispatched or admitted.
+        self._replaying = False
+        self._replay_until = 0
+        self._caught_up = asyncio.Event()
 
     async def run(self) -> None:
         # What is loaded by now (torch, transformers, the tokenizer, the prompts) lives as long as the
@@ -99,17 +137,42 @@ class Scheduler:
             asyncio.create_task(self._keep_running(self._drop_trained(), "dropping trained partitions")),
         ]
         try:
-            await self.rt.subscribe_events(f"{self.rt.names.prefix}.>", self.on_event)
+            await self._replay_then_follow()
             await self.admit()
+            for groups in list(self.partitions.values()):
+                for state in groups.values():
+                    self._advance(state)  # a restart: what the replay found ready and not yet done
             self.rt.state = "ready"
             await self.rt.wait_stopped()
         finally:
             for task in background:
                 task.cancel()
-            await asyncio.gather(*background, *self._staged.values(), return_exceptions=True)
+            for task in self._rewrites:
+                task.cancel()
+            await asyncio.gather(*background, *self._staged.values(), *self._rewrites, return_exceptions=True)
             if self._outbox and self.rt.fatal is None:
                 await self._publish(self._outbox)
             await asyncio.gather(*self._batches)  # their acks (each batch fails the actor on its own)
+
+    async def _replay_then_follow(self) -> None:
+        """Subscribe to every event from the start; return once the events that were in the stream
+        when we started have all been handled (at once on a fresh run)."""
+        info = await self.rt.js.stream_info(self.rt.names.events_stream)
+        self._replay_until = info.state.last_seq
+        self._replaying = self._replay_until > 0
+        if not self._replaying:
+            self._caught_up.set()
+        started = time.time()
+        await self.rt.subscribe_events(f"{self.rt.names.prefix}.>", self.on_event)
+        try:
+            await asyncio.wait_for(self._caught_up.wait(), timeout=REPLAY_TIMEOUT_S)
+        except TimeoutError:
+            raise BrokerError(f"scheduler: replaying stream {self.rt.names.events_stream} up to sequence "
+                              f"{self._replay_until} took over {REPLAY_TIMEOUT_S:.0f} s") from None
+        if self._replay_until:
+            self.rt.log.info("state rebuilt from the events stream", events=self._replay_until,
+                             seconds=round(time.time() - started, 3), trained=len(self.trained),
+                             latest_version=self.latest_version, partitions_in_flight=sorted(self.partitions))
 
     async def _keep_running(self, work: Coroutine[Any, Any, None], what: str) -> None:
         try:
@@ -120,6 +183,8 @@ class Scheduler:
     # -- admission (I2) ---------------------------------------------------------------------
 
     async def admit(self) -> None:
+        if self._replaying:
+            return  # admission resumes once the replay has caught up
         async with self._admit_lock:
             window = admissible_partitions(self.latest_version, self.algo.max_staleness, self.config.run.steps)
             while self.next_partition < window.stop:
@@ -127,21 +192,36 @@ class Scheduler:
                 await self._start_partition(partition)
 
     async def _start_partition(self, partition: int) -> None:
+        if partition in self.trained:
+            return  # a restarted scheduler re-admits from 0: trained partitions are done
         started = time.time()
         self._stage_prompts_ahead(partition)
         refs, prompt_lengths = await self._staged.pop(partition)  # normally written long before
-        groups = [self._new_group(partition, g) for g in range(self.algo.prompts_per_step)]
-        first_row = 0
-        for state in groups:
-            # Each group names only its own rows of the partition's prompt chunk: items stay small and
-            # a rollout instance reads its prompts, not the whole partition's.
-            state.refs.update({column: ref.rows(first_row, len(state.sample_ids)) for column, ref in refs.items()})
-            first_row += len(state.sample_ids)
+        groups = [self._group(partition, g) for g in range(self.algo.prompts_per_step)]
+        self._set_prompt_refs(partition, refs)
         for item_groups in self._pack_rollout_items(groups, prompt_lengths):
-            self._dispatch(ROLLOUT, item_groups)
+            # After a restart some items are done already; the packing is deterministic, so the
+            # others get the ids they had (and JetStream drops those still queued as duplicates).
+            # Groups of an item re-issued after a store loss (replayed) go alone, under new ids.
+            pending = [g for g in item_groups if ROLLOUT.name not in g.dispatched]
+            if len(pending) == len(item_groups) and not any(g.resent.get(ROLLOUT.name) for g in pending):
+                self._dispatch(ROLLOUT, item_groups)
+            else:
+                for state in pending:
+                    self._dispatch(ROLLOUT, [state])
         await self.rt.publish_metrics(f"prompt-p{partition}", PROMPT.name, started, self.config.samples_per_step)
         self.rt.log.info("partition admitted", partition=partition, latest_version=self.latest_version,
                          min_version=min_version(partition, self.algo.max_staleness))
+
+    def _set_prompt_refs(self, partition: int, refs: dict[str, ChunkRef]) -> None:
+        """Give every group of `partition` its rows of the partition's prompt chunks. Each group names
+        only its own rows: items stay small and a rollout instance reads its prompts, not the whole
+        partition's."""
+        first_row = 0
+        for group in range(self.algo.prompts_per_step):
+            state = self._group(partition, group)
+            state.refs.update({column: ref.rows(first_row, len(state.sample_ids)) for column, ref in refs.items()})
+            first_row += len(state.sample_ids)
 
     def _stage_prompts_ahead(self, partition: int) -> None:
         """Tokenize and write the prompts of `partition` and the PROMPT_LOOKAHEAD partitions after it,
@@ -150,7 +230,7 @@ class Scheduler:
         ready-to-dispatched latency and stalled the events queued behind the admission."""
         last = min(partition + PROMPT_LOOKAHEAD, self.config.run.steps - 1)
         for ahead in range(partition, last + 1):
-            if ahead not in self._staged:
+            if ahead not in self._staged and ahead not in self.trained:
                 self._staged[ahead] = asyncio.create_task(asyncio.to_thread(self._write_prompts, ahead))
 
     def _pack_rollout_items(self, groups: list[GroupState], prompt_lengths: list[int]) -> list[list[GroupState]]:
@@ -165,10 +245,13 @@ class Scheduler:
                  for state, length in zip(groups, prompt_lengths, strict=True)]
         return [[groups[i] for i in item] for item in pack_by_budget(costs, budget)]
 
-    def _new_group(self, partition: int, group: int) -> GroupState:
-        ids = group_sample_ids(partition, group, self.algo.prompts_per_step, self.algo.samples_per_prompt)
-        state = GroupState(partition, group, ids)
-        self.partitions.setdefault(partition, {})[group] = state
+    def _group(self, partition: int, group: int) -> GroupState:
+        """The group's state, created on first sight (at admission, or from a replayed event)."""
+        groups = self.partitions.setdefault(partition, {})
+        state = groups.get(group)
+        if state is None:
+            ids = group_sample_ids(partition, group, self.algo.prompts_per_step, self.algo.samples_per_prompt)
+            state = groups[group] = GroupState(partition, group, ids)
         return state
 
     def _write_prompts(self, partition: int) -> tuple[dict[str, ChunkRef], list[int]]:
@@ -238,6 +321,8 @@ class Scheduler:
         await self.rt.publish_many([(self.rt.names.work(item.stage), item, item.item_id) for item in items])
 
     def _advance(self, state: GroupState) -> None:
+        if self._replaying:
+            return  # what is still to do is known only once every event has been replayed
         for stage in GRPO_GRAPH:
             if stage.inputs and stage.name not in state.dispatched and state.ready_for(stage):
                 if stage is TRAINER and self.algo.phase_barrier:
@@ -267,23 +352,32 @@ class Scheduler:
                 await self.on_weights(decode(WeightsEvent, msg.data, msg.subject))
             elif kind.startswith("dead."):
                 self.on_dead(decode(DeadLetter, msg.data, msg.subject))
+            elif kind.startswith("lost."):
+                self.on_lost(decode(LostEvent, msg.data, msg.subject))
         except WireError as error:
             self.bad_events += 1
+            self.rt.counters["bad_events"] = self.bad_events
             self.rt.log.error("bad event ignored", error=str(error), bad_events=self.bad_events)
         except Exception as error:
             # Losing an event would stall the run silently: stop loudly instead.
             self.rt.fail(error, f"handling {msg.subject}")
+        if self._replaying and msg.metadata is not None and msg.metadata.sequence.stream >= self._replay_until:
+            self._replaying = False
+            self._caught_up.set()
         if self._outbox:
             # nats-py runs this callback for each queued event without returning to the loop while
             # events are waiting, so a backlog would hold every work item it made until it is gone.
             await asyncio.sleep(0)
 
     def on_done(self, event: DoneEvent) -> None:
-        groups = self.partitions.get(event.partition, {})
+        if event.partition in self.trained or event.partition >= self.config.run.steps:
+            return  # a redelivered item of a partition already trained and dropped
         for group in event.groups:
-            state = groups.get(group)
-            if state is None:
-                continue  # a redelivered item of a partition already trained and dropped
+            if not 0 <= group < self.algo.prompts_per_step:
+                self.rt.log.error("done event names an unknown group", group=group, item=event.item_id)
+                continue
+            state = self._group(event.partition, group)  # replay: the partition may not be admitted yet
+            state.dispatched.add(event.stage)
             state.failed.update({sid: r for sid, r in event.failed.items() if sid in state.sample_ids})
             for ref in event.chunks:
                 if ref.sample_ids and ref.sample_ids[0] in state.sample_ids:
@@ -296,16 +390,97 @@ class Scheduler:
             self.rt.log.error("dead letter of an unreadable message", stage=letter.stage, reason=letter.reason)
             return
         reason = f"dead-lettered at {letter.stage}: {letter.reason}"
-        groups = self.partitions.get(letter.partition, {})
+        if letter.partition in self.trained or letter.partition >= self.config.run.steps:
+            return
         for group in letter.groups:
-            state = groups.get(group)
-            if state is None:
+            if not 0 <= group < self.algo.prompts_per_step:
                 continue
+            state = self._group(letter.partition, group)  # replay: the partition may not be admitted yet
             for sid in state.live_ids:
                 state.failed.setdefault(sid, reason)
             if letter.stage == TRAINER.name:
                 state.dispatched.discard(TRAINER.name)  # re-send with every sample failed: the step closes
                 state.resent[TRAINER.name] = state.resent.get(TRAINER.name, 0) + 1
+            else:
+                state.dispatched.add(letter.stage)  # the stage is over for these samples: never re-send
+            self._advance(state)
+
+    def on_lost(self, event: LostEvent) -> None:
+        """Lineage recovery for the groups of an item whose input chunks a store lost."""
+        if event.partition in self.trained or event.partition >= self.config.run.steps:
+            return  # a redelivered item of a partition already trained and dropped
+        lost_keys = {ref.key for ref in event.lost}
+        rewrite_prompts = False
+        reissued: list[int] = []
+        redone: set[str] = set()
+        for group in event.groups:
+            if not 0 <= group < self.algo.prompts_per_step:
+                self.rt.log.error("lost event names an unknown group", group=group, item=event.item_id)
+                continue
+            state = self._group(event.partition, group)  # replay: the partition may not be admitted yet
+            lost = {column for column, ref in state.refs.items() if ref.key in lost_keys}
+            redo = self._stages_to_redo(state, event.stage, lost)
+            if not redo and not lost:
+                continue  # a stale report: the group has moved on since
+            rewrite_prompts |= bool(lost & set(PROMPT.outputs))
+            regenerated = {column for stage in GRPO_GRAPH if stage.name in redo for column in stage.outputs}
+            for column in lost | regenerated:
+                state.refs.pop(column, None)
+            for name in redo:
+                if name in state.dispatched:
+                    state.dispatched.discard(name)
+                    state.resent[name] = state.resent.get(name, 0) + 1  # a new item id
+            if TRAINER.name in redo:
+                self.trainer_ready.get(event.partition, set()).discard(group)
+            reissued.append(group)
+            redone |= redo
+        if rewrite_prompts:
+            # The prompt chunks (one per column, on one store) hold every group of the partition: none
+            # may be dispatched from them until they are written again (a restarted scheduler re-writes
+            # them at admission).
+            for state in self.partitions.get(event.partition, {}).values():
+                for column in PROMPT.outputs:
+                    state.refs.pop(column, None)
+            if not self._replaying:
+                task = asyncio.create_task(self._keep_running(self._rewrite_prompts(event.partition),
+                                                              f"re-writing the prompts of partition {event.partition}"))
+                self._rewrites.add(task)
+                task.add_done_callback(self._rewrites.discard)
+        self.rt.counters["lost_reports"] += 1
+        self.rt.counters["reissued_groups"] += len(reissued)
+        self.rt.log.warning("groups re-issued after a store loss", partition=event.partition, groups=reissued,
+                            reported_by=event.stage, item=event.item_id, lost=sorted(lost_keys),
+                            stages=[stage.name for stage in GRPO_GRAPH if stage.name in redone],
+                            prompts_rewritten=rewrite_prompts, reissued_groups=self.rt.counters["reissued_groups"])
+        for group in reissued:
+            self._advance(self.partitions[event.partition][group])
+
+    @staticmethod
+    def _stages_to_redo(state: GroupState, reporter: str, lost: set[str]) -> set[str]:
+        """The work stages to run again for a group whose columns `lost` are gone: the reporting stage
+        (its item was dropped) unless its outputs are all there (a stale report), every stage that
+        wrote a lost column, and every stage reading a column those re-runs write anew. Lost prompts
+        are written again identically, so they make no later column stale."""
+        redo: set[str] = set()
+        regenerated: set[str] = set()
+        for stage in GRPO_GRAPH:
+            if not stage.inputs:
+                continue  # the prompt stage: the scheduler writes its columns again
+            outputs = set(stage.outputs)
+            finished = bool(outputs) and all(column in state.refs for column in outputs) and not outputs & lost
+            if (stage.name == reporter and not finished) or outputs & lost or set(stage.inputs) & regenerated:
+                redo.add(stage.name)
+                regenerated |= outputs
+        return redo
+
+    async def _rewrite_prompts(self, partition: int) -> None:
+        """Write a partition's prompt chunks again (same keys, same contents) and dispatch what waited."""
+        refs, _ = await asyncio.to_thread(self._write_prompts, partition)
+        if partition in self.trained or partition not in self.partitions:
+            return
+        self._set_prompt_refs(partition, refs)
+        self.rt.log.info("prompts re-written after a store loss", partition=partition)
+        for state in self.partitions[partition].values():
             self._advance(state)
 
     async def on_weights(self, event: WeightsEvent) -> None:
@@ -323,8 +498,18 @@ class Scheduler:
         """Free trained partitions in the store and record progress, in step order."""
         while True:
             step, trained = await self._trained_queue.get()
-            dropped = await asyncio.to_thread(self.rt.store.drop_partition, self.config.run.name, step)
-            await self.rt.kv.put(KV_PROGRESS, json.dumps({"step": step, "trained": trained}).encode())
+            for attempt in range(1, DROP_ATTEMPTS + 1):
+                try:
+                    dropped = await asyncio.to_thread(self.rt.store.drop_partition, self.config.run.name, step)
+                    await self.rt.kv.put(KV_PROGRESS, json.dumps({"step": step, "trained": trained}).encode())
+                    break
+                except Exception as error:
+                    # A store or broker restarting: both calls are idempotent, so try again shortly.
+                    if attempt == DROP_ATTEMPTS:
+                        raise
+                    self.rt.log.warning("dropping a trained partition failed, retrying", partition=step,
+                                        attempt=attempt, error=f"{type(error).__name__}: {error}")
+                    await asyncio.sleep(1.0)
             self.rt.log.info("partition trained and dropped", partition=step, keys_dropped=dropped)
 
 

@@ -10,6 +10,11 @@ An item that raises (bad data, a crashing engine) is retried, and after `broker.
 dead-lettered; the scheduler then re-sends its groups with every sample failed, so the step closes
 without them. If the failure came after the engine began adding the item's gradient, the step's
 gradients are dropped and its earlier items trained again (`TrainingEngine.discard_gradients`).
+
+With `trainer.checkpoint_every`, every N-th step boundary writes `checkpoints/step-<S>` (after the
+step is announced, so the records cover it; `asyncflow/checkpoint.py`). A run resumed from one
+(`run.resume_from`) starts here at step S with the checkpoint's weights, optimizer, RNG and
+consumed ids.
 """
 
 from __future__ import annotations
@@ -26,11 +31,12 @@ from pathlib import Path
 import numpy as np
 from nats.aio.msg import Msg
 
-from actors.runtime import ActorRuntime, read_columns
+from actors.runtime import ActorRuntime, lost_inputs, read_columns
 from asyncflow.algorithms.grpo import group_advantages, grpo_loss
+from asyncflow.checkpoint import restore_rng, resume_checkpoint, write_checkpoint
 from asyncflow.engines import TrainBatch, make_local_training_engine, make_training_engine
-from asyncflow.engines.base import accumulate_stats
-from asyncflow.errors import StalenessError, WireError
+from asyncflow.engines.base import TrainingEngine, accumulate_stats
+from asyncflow.errors import EngineError, StalenessError, WireError
 from asyncflow.graph import TRAINER
 from asyncflow.partitions import group_of
 from asyncflow.staleness import check_sample
@@ -64,20 +70,36 @@ class Trainer:
         self.config = config
         self.algo = config.algorithm
         options = {"temperature": config.sampling.temperature, "dtype": config.model.dtype, "seed": config.run.seed}
-        self.engine = make_training_engine(config.trainer.engine, config.model.path, **options)
-        # The KL reference only computes logprobs: one local replica, never data-parallel.
+        resume = resume_checkpoint(config)
+        # A resumed run trains on from the checkpoint's weights (policy version resume.step).
+        start_path = resume.path if resume is not None else config.model.path
+        self.engine = make_training_engine(config.trainer.engine, start_path, **options)
+        # The KL reference is the initial policy (model.path), also after a resume. It only
+        # computes logprobs: one local replica, never data-parallel.
         self.reference = (make_local_training_engine(config.trainer.engine, config.model.path, **options)
                           if self.algo.kl_coef > 0 else None)
         self.rt.log.info("training engine ready", engine=type(self.engine).__name__,
                          data_parallel=config.trainer.engine.data_parallel,
                          rank_pids=[os.getpid(), *getattr(self.engine, "worker_pids", [])])
+        if config.trainer.checkpoint_every and type(self.engine).training_state is TrainingEngine.training_state:
+            # Fail at start-up, not after checkpoint_every steps of work.
+            raise EngineError(f"trainer.checkpoint_every is {config.trainer.checkpoint_every} but "
+                              f"{type(self.engine).__name__} has no training_state(): it cannot checkpoint")
         self.loss_fn = functools.partial(
             grpo_loss, clip_low=self.algo.clip_low, clip_high=self.algo.clip_high, kl_coef=self.algo.kl_coef,
             correction=self.algo.off_policy_correction, weight_cap=self.algo.importance_weight_cap,
         )
         self.step = 0
-        self.rt.policy_version = 0
         self.consumed: set[int] = set()
+        if resume is not None:
+            state = resume.load_state()
+            self.engine.load_training_state(state["training"])
+            restore_rng(state["rng"])  # last: building the engines above re-seeds torch
+            self.step = resume.step
+            self.consumed = resume.consumed_sample_ids
+            self.rt.log.info("resumed from checkpoint", checkpoint=str(resume.path), step=self.step,
+                             consumed_samples=len(self.consumed))
+        self.rt.policy_version = self.step
         self.waiting: dict[int, list[tuple[Msg, WorkItem]]] = {}
         self.current = StepAccumulator()
         self.failed_items = 0  # items that raised in train_item (each retried or dead-lettered)
@@ -178,10 +200,22 @@ class Trainer:
         """An item raised: retry it later (nak) or, after `broker.max_deliver` tries, dead-letter it,
         and the scheduler re-sends its groups with their samples failed so the step still closes.
         If its gradient was partly added, the step's gradients are dropped and its other items
-        trained again first, so nothing counts twice."""
+        trained again first, so nothing counts twice.
+
+        An item whose inputs a store lost (it died and came back empty) is reported lost instead and
+        dropped: the scheduler re-issues its groups and a new item brings them back. Its samples were
+        not trained (inputs are read before any gradient), so they stay unconsumed."""
+        lost = lost_inputs(item, error)
+        if lost:
+            if self._gradient_touched:
+                await asyncio.to_thread(self._replay_step)
+            await self.rt.report_lost(TRAINER.name, msg, item, lost, error)
+            self.rt.state = "ready"
+            return
         deliveries = msg.metadata.num_delivered if msg.metadata else 1
         reason = f"{type(error).__name__}: {error}"
         self.failed_items += 1
+        self.rt.stats.items_failed += 1
         self.rt.log.error("trainer item failed", item=item.item_id, step=self.step, deliveries=deliveries,
                           max_deliver=self.config.broker.max_deliver, error=reason, failed_items=self.failed_items)
         if self._gradient_touched:
@@ -231,6 +265,21 @@ class Trainer:
         self.step = step + 1
         self.rt.policy_version = step + 1
         self.current = StepAccumulator()
+        every = self.config.trainer.checkpoint_every
+        if every and self.step % every == 0 and not final:
+            await self.checkpoint()
+
+    async def checkpoint(self) -> None:
+        """Write `checkpoints/step-<self.step>` at this step boundary (the trainer waits for it).
+
+        The step's announcement is awaited first, so the records of every step the checkpoint
+        covers are on disk before the checkpoint can exist: a resume keeps exactly those records."""
+        started = time.time()
+        if self._announcing is not None:
+            await self._announcing
+        done = await asyncio.to_thread(write_checkpoint, self.config, self.step, self.engine, set(self.consumed))
+        self.rt.log.info("checkpoint written", step=self.step, path=str(done.path),
+                         consumed_samples=len(self.consumed), seconds=round(time.time() - started, 3))
 
     async def _announce_step(self, step: int, acc: StepAccumulator, grad: dict[str, float], tensors: list,
                              final: bool, previous: asyncio.Task[None] | None) -> None:

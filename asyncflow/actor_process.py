@@ -25,10 +25,14 @@ ROLE_MODULES = {
 }
 
 
-def run_actor_process(role: str, config_path: Path, nats_url: str, instance: int = 0, console: bool = True) -> int:
+def run_actor_process(role: str, config_path: Path, nats_url: str, instance: int = 0, console: bool = True,
+                      tls_ca: Path | None = None) -> int:
+    """`tls_ca` overrides security.tls_ca: the CA file's path on this host (docs/security.md)."""
     if role not in ROLE_MODULES:
         raise ConfigError(f"unknown actor role {role!r}; known: {', '.join(ROLE_MODULES)}")
     config = load_config(config_path)
+    if tls_ca is not None:
+        config.security.tls_ca = tls_ca
     actor_id = f"{role}-{instance}"
     setup_logging(config.run_dir / "logs" / f"{actor_id}.jsonl", console=console)
     import torch  # after logging: importing torch takes seconds and the log should say we started

@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from asyncflow.errors import ConfigError
 
@@ -24,6 +33,8 @@ class _Strict(BaseModel):
 
 
 class RunSettings(_Strict):
+    """The run as a whole: its name, length, seed, run directory and time limits."""
+
     name: str = Field("asyncflow", pattern=RUN_NAME_PATTERN)
     """Run name; becomes part of every subject (`af.<name>.…`), stream and Flight key."""
     seed: int = 0
@@ -36,11 +47,34 @@ class RunSettings(_Strict):
     """Hard limit on the whole run's wall time; the launcher stops everything past it."""
     stall_timeout_s: float = Field(300.0, gt=0)
     """A run with no finished optimizer step for this long stops with an error naming the stage."""
+    restart_actors: bool = True
+    """The launcher restarts an actor process (and the embedded broker or a launched Flight store)
+    that exits or dies before the run is over; False fails the run at the first exit instead."""
+    max_restarts: int = Field(3, ge=0)
+    """Restarts of one process (one actor instance, the broker, one store) before the run fails."""
+    missing_stage_timeout_s: float = Field(120.0, gt=0)
+    """A stage with no live actor (no fresh heartbeat) for this long stops the run with an error
+    naming the stage: a run that cannot make progress fails loudly instead of hanging. A stage no
+    actor has registered for yet gets at least `stall_timeout_s` (start-up can be slow)."""
     torch_threads: int = Field(1, ge=1)
     """torch intra-op threads per actor process (several actors share the cores)."""
+    resume_from: Path | None = None
+    """Set by `asyncflow run --resume`, not by hand: the checkpoint folder
+    (`<run_dir>/checkpoints/step-<N>`) this run continues from. Rollout and trainer load its weights
+    as policy version N instead of `model.path`, the trainer its optimizer, RNG and consumed ids,
+    and the scheduler admits from partition N."""
+    progress: Literal["auto", "rich", "plain"] = "auto"
+    """How `asyncflow run` shows progress on stdout: `rich` a live panel (step, samples/s, reward,
+    staleness, queue depth per stage, dead letters, restarts), `plain` one line per step, `auto`
+    rich when stdout is a terminal and plain otherwise (CI, pipes, files)."""
+    tensorboard: bool = True
+    """Write every metrics.jsonl scalar per step as TensorBoard events to `<run_dir>/tensorboard/`
+    (`tensorboard --logdir <run_dir>/tensorboard`)."""
 
 
 class ModelSettings(_Strict):
+    """The policy model rollout and trainer start from."""
+
     path: Path
     """HF-format model folder (config, weights, tokenizer) that rollout and trainer start from."""
     create_with: str | None = None
@@ -50,8 +84,11 @@ class ModelSettings(_Strict):
 
 
 class DataSettings(_Strict):
+    """The prompt dataset."""
+
     path: Path
-    """Prompt dataset: a `.jsonl` or `.parquet` file, one prompt per row."""
+    """Prompt dataset: a `.jsonl` or `.parquet` file, one prompt per row, or a folder written by
+    HF `datasets`' `save_to_disk` (a Dataset, or a DatasetDict with `split`); see docs/datasets.md."""
     create_with: str | None = None
     """Optional `module:function(path, seed)` that writes the dataset when it does not exist."""
     prompt_field: str = "prompt"
@@ -62,9 +99,18 @@ class DataSettings(_Strict):
     """Send each prompt as a user message through the tokenizer's chat template (instruct models)."""
     system_prompt: str | None = None
     """With chat_template: a system message put before every prompt."""
+    split: str | None = None
+    """Split to read from a `save_to_disk` DatasetDict folder (`train`, `test`, ...); needed there
+    unless it holds one split only, and refused for files and single-Dataset folders."""
+    fields: dict[str, str] = Field(default_factory=dict)
+    """Renames dataset columns for the reward function: `{reward argument: dataset column}`, e.g.
+    `{answer: solution}` passes each row's `solution` as `answer=`. Every mapped column must be
+    present and non-null in every row (the error names the row and the file)."""
 
 
 class AlgorithmSettings(_Strict):
+    """The RL algorithm: batch shape (one partition per optimizer step), staleness bound, loss."""
+
     name: Literal["grpo"] = "grpo"
     """Advantage estimator and loss; GRPO is the one built in."""
     prompts_per_step: int = Field(8, ge=1)
@@ -96,6 +142,8 @@ class AlgorithmSettings(_Strict):
 
 
 class SamplingSettings(_Strict):
+    """How rollout samples responses."""
+
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature; behaviour and training logprobs both use logits / temperature."""
     top_p: float = Field(1.0, gt=0, le=1)
@@ -105,6 +153,8 @@ class SamplingSettings(_Strict):
 
 
 class RewardSettings(_Strict):
+    """The user's reward function, run by the reward actor."""
+
     function: str
     """`module:function(prompt, response, **row_fields) -> float`, loaded at start-up."""
     timeout_s: float = Field(10.0, gt=0)
@@ -247,6 +297,8 @@ def _default_engine_type(data: Any) -> Any:
 
 
 class RolloutSettings(_Strict):
+    """Rollout actors: how many, how work is cut into items, weight swaps; the engine is `rollout.engine`."""
+
     instances: int = Field(1, ge=1)
     """Rollout actor processes; each pulls work from the shared queue (faster ones pull more)."""
     groups_per_item: int = Field(1, ge=1)
@@ -280,35 +332,53 @@ class RolloutSettings(_Strict):
 
 
 class TrainerSettings(_Strict):
+    """The trainer actor; the training engine and its optimizer settings are `trainer.engine`."""
+
     engine: TrainingEngineSettings = Field(default_factory=HFTrainingSettings)
     """Training engine adapter, chosen by `type`."""
 
     _engine_type = model_validator(mode="before")(_default_engine_type)
     save_final: bool = True
     """Write the final model in HF format to `<run_dir>/final`."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Write a checkpoint (`<run_dir>/checkpoints/step-<N>`: HF model, optimizer, RNG, consumed
+    sample ids) after every this many optimizer steps, so `asyncflow run --resume` can continue
+    the run; 0 writes none. The trainer pauses for the write."""
+    keep_checkpoints: int = Field(2, ge=0)
+    """Newest checkpoints kept; older ones are deleted once a newer one is complete. 0 keeps all."""
     torch_threads: int | None = Field(None, ge=1)
     """torch threads of the trainer process (each data-parallel rank); None: `run.torch_threads`.
     The trainer is usually the busiest actor: on a small machine it may deserve the spare cores."""
 
 
 class BrokerSettings(_Strict):
+    """The NATS broker (control plane) and the work queue's delivery policy."""
+
     url: str | None = None
     """NATS URL of an existing server; None starts an embedded `nats-server` for the run."""
     host: str = "127.0.0.1"
     """Bind address of the embedded server (loopback unless told otherwise)."""
     port: int = Field(0, ge=0, le=65535)
     """Port of the embedded server; 0 picks a free one."""
-    ack_wait_s: float = Field(300.0, gt=0)
-    """Seconds before an un-acked work item is redelivered to another instance."""
+    ack_wait_s: float = Field(30.0, gt=0)
+    """Seconds before an un-acked work item is redelivered to another instance: how long the work
+    of a killed actor waits to be picked up again. Live actors mark long items in progress every
+    ack_wait_s / 3, so this bounds recovery time, not item length."""
     max_deliver: int = Field(5, ge=1)
     """Deliveries of one work item before it goes to the dead-letter subject."""
     heartbeat_s: float = Field(2.0, gt=0)
     """Actor heartbeat period (written to the run's KV bucket)."""
+    heartbeat_timeout_s: float = Field(30.0, gt=0)
+    """An actor whose last heartbeat is older than this is reported dead by the launcher's monitor
+    (also actors started by hand elsewhere). Generous by default: an engine loading a model may
+    hold an actor's event loop for many seconds before its heartbeats resume."""
     request_timeout_s: float = Field(10.0, gt=0)
     """Timeout of every single broker request."""
 
 
 class StoreSettings(_Strict):
+    """The Arrow Flight stores (data plane) that hold sample columns and weights."""
+
     servers: int = Field(1, ge=1)
     """Flight store processes the launcher starts (ignored when `locations` is given)."""
     locations: list[str] = Field(default_factory=list)
@@ -319,7 +389,92 @@ class StoreSettings(_Strict):
     """Bytes one store holds before refusing puts (back-pressure)."""
 
 
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class SecuritySettings(_Strict):
+    """Authentication and TLS on both planes (docs/security.md). Secret values come from the
+    environment variables named by the `*_env` fields (or, second choice, from the `SecretStr` fields
+    here); they are never written to the run directory, logged, or put on a command line."""
+
+    nats_auth: Literal["none", "token", "user"] = "none"
+    """How clients authenticate to NATS: `none`, a shared `token`, or `user` (nats_user + a
+    password). The embedded broker is started requiring the same."""
+    nats_user: str | None = None
+    """User name for `nats_auth: user` (not a secret)."""
+    nats_token_env: str = Field("ASYNCFLOW_NATS_TOKEN", pattern=ENV_NAME_PATTERN)
+    """Environment variable holding the NATS token (`nats_auth: token`)."""
+    nats_password_env: str = Field("ASYNCFLOW_NATS_PASSWORD", pattern=ENV_NAME_PATTERN)
+    """Environment variable holding the NATS password (`nats_auth: user`)."""
+    nats_token: SecretStr | None = None
+    """The NATS token, when not in the environment (the environment variable wins). Written out as
+    null wherever the config is saved; actors receive it through the environment."""
+    nats_password: SecretStr | None = None
+    """The NATS password, when not in the environment (the environment variable wins); never saved."""
+    nats_tls: bool = False
+    """TLS on every NATS connection. The embedded broker then serves TLS only (needs tls_cert and
+    tls_key); its URL starts with `tls://`."""
+    store_auth: Literal["none", "token"] = "none"
+    """`token`: every Flight call must carry `authorization: Bearer <token>`; launched stores refuse
+    any call without it."""
+    store_token_env: str = Field("ASYNCFLOW_STORE_TOKEN", pattern=ENV_NAME_PATTERN)
+    """Environment variable holding the Flight store token (`store_auth: token`)."""
+    store_token: SecretStr | None = None
+    """The Flight store token, when not in the environment (the environment variable wins); never saved."""
+    store_tls: bool = False
+    """TLS on every Flight call. Launched stores serve TLS only (needs tls_cert and tls_key) at
+    `grpc+tls://` locations, and clients refuse plain `grpc://` locations."""
+    tls_cert: Path | None = None
+    """PEM certificate (chain) of the broker and the stores the launcher starts. Its subjectAltName
+    must name the address clients dial (e.g. IP:127.0.0.1). A path, not secret."""
+    tls_key: Path | None = None
+    """PEM private key of tls_cert. A path (the key itself never enters the config); keep the file 0600."""
+    tls_ca: Path | None = None
+    """PEM CA bundle clients verify the broker's and the stores' certificates with; None: the
+    system's trust store."""
+
+    @field_validator("tls_cert", "tls_key", "tls_ca")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        # Resolved at load time, like every other path, so actors read the same file wherever they start.
+        return None if value is None else Path(value).expanduser().absolute()
+
+    @field_serializer("nats_token", "nats_password", "store_token", when_used="json")
+    def _never_saved(self, value: SecretStr | None) -> None:
+        # JSON/YAML dumps (config.yaml, the KV copy) carry no secret, not even a masked one.
+        return None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SecuritySettings:
+        if self.nats_auth == "user" and not self.nats_user:
+            raise ValueError("nats_auth 'user' needs nats_user (the password comes from nats_password_env)")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        return self
+
+
+class WandbSettings(_Strict):
+    """Optional Weights & Biases logging of the per-step metrics by the launcher (off by default;
+    needs the `wandb` package, which AsyncFlow does not install). The API key is wandb's own
+    business (`WANDB_API_KEY` or `wandb login`); it never enters the config."""
+
+    enabled: bool = False
+    """Log every metrics.jsonl row to wandb; a ConfigError at start-up when `wandb` is not installed."""
+    project: str = "asyncflow"
+    """wandb project."""
+    entity: str | None = None
+    """wandb entity (user or team); None: wandb's default for the logged-in user."""
+    mode: Literal["online", "offline", "disabled"] = "online"
+    """wandb mode: `offline` writes to `<run_dir>/wandb` for a later `wandb sync`."""
+    run_name: str | None = None
+    """Name of the wandb run; None: `run.name`."""
+    tags: list[str] = Field(default_factory=list)
+    """Tags of the wandb run."""
+
+
 class Config(_Strict):
+    """A whole run: one section per concern."""
+
     run: RunSettings = Field(default_factory=RunSettings)
     model: ModelSettings
     data: DataSettings
@@ -330,6 +485,8 @@ class Config(_Strict):
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
+    wandb: WandbSettings = Field(default_factory=WandbSettings)
 
     @model_validator(mode="after")
     def _default_run_dir(self) -> Config:
@@ -359,6 +516,8 @@ class Config(_Strict):
         data["model"]["path"] = Path(data["model"]["path"]).resolve()
         data["data"]["path"] = Path(data["data"]["path"]).resolve()
         data["run"]["run_dir"] = Path(data["run"]["run_dir"]).resolve()
+        if data["run"].get("resume_from") is not None:
+            data["run"]["resume_from"] = Path(data["run"]["resume_from"]).resolve()
         return Config.model_validate(data)
 
     def to_yaml(self) -> str:

@@ -42,18 +42,50 @@ class StoreError(AsyncFlowError):
     """A Flight store request failed."""
 
 
+class MissingChunkError(StoreError):
+    """A store does not hold a key it was asked for: dropped (a trained partition), never written,
+    or lost with a store that died and came back empty.
+
+    `missing` lists every (key, location) found missing: the client raises it for one key;
+    `actors.runtime.read_columns` gathers all of a work item's missing inputs into one, so that
+    the item's loss can be reported whole (lineage recovery, docs/reliability.md)."""
+
+    def __init__(self, missing: list[tuple[str, str]]) -> None:
+        if not missing:
+            raise ValueError("MissingChunkError needs at least one missing (key, location)")
+        key, location = missing[0]
+        more = f" (and {len(missing) - 1} more key(s))" if len(missing) > 1 else ""
+        super().__init__(f"key {key!r} at {location}: no such key (dropped, never written, or lost with a "
+                         f"store that restarted empty){more}")
+        self.missing = list(missing)
+
+    @property
+    def keys(self) -> set[str]:
+        return {key for key, _ in self.missing}
+
+
+class StoreUnavailableError(StoreError):
+    """A store could not be reached (down, restarting, or a wrong address)."""
+
+    def __init__(self, message: str, location: str) -> None:
+        super().__init__(message)
+        self.location = location
+
+
 class BackPressureError(StoreError):
     """A store refused a put because it would exceed its byte capacity (retry later; never OOM)."""
 
-    def __init__(self, key: str, size: int, used: int, capacity: int) -> None:
+    def __init__(self, key: str, size: int, used: int, capacity: int, location: str | None = None) -> None:
+        at = f" at {location}" if location else ""
         super().__init__(
-            f"store full: put of {size} bytes for {key!r} refused ({used} of {capacity} bytes used); "
+            f"store{at} full: put of {size} bytes for {key!r} refused ({used} of {capacity} bytes used); "
             "the trainer frees space as it consumes partitions"
         )
         self.key = key
         self.size = size
         self.used = used
         self.capacity = capacity
+        self.location = location
 
 
 class EngineError(AsyncFlowError):
@@ -85,6 +117,11 @@ class StalenessError(AsyncFlowError):
 
 class RunError(AsyncFlowError):
     """A run cannot make progress (an actor died, a stage stalled, a timeout passed)."""
+
+
+class TrainerLostError(RunError):
+    """The trainer process died. Its weights and optimizer state died with it, so the run can only
+    go on from a checkpoint: the launcher then restarts the whole run from the newest one."""
 
 
 class ReportError(AsyncFlowError):

@@ -1,8 +1,9 @@
 """structlog set-up: JSON lines to the run directory, short readable lines on the console.
 
 Every process calls `setup_logging` once; loggers are then bound with run / actor / stage so a
-line in `logs/<actor>.jsonl` always says who wrote it. Secrets never reach a log: values of keys
-that look like credentials are masked.
+line in `logs/<actor>.jsonl` always says who wrote it. `bind_process` sets those keys for the whole
+process, so lines from shared code with its own logger (the NATS connection, the engines) carry
+them too. Secrets never reach a log: values of keys that look like credentials are masked.
 """
 
 from __future__ import annotations
@@ -25,6 +26,22 @@ def _is_secret(key: str) -> bool:
     return any(key == name or key.endswith("_" + name) for name in _SECRET_NAMES)
 
 
+_PROCESS_CONTEXT: dict[str, Any] = {}
+"""Keys every log line of this process carries unless the logger bound its own (`bind_process`)."""
+
+
+def bind_process(**values: Any) -> None:
+    """Give every log line of this process these keys (run, actor, stage, ...), from any thread or
+    logger; a value a logger binds itself wins."""
+    _PROCESS_CONTEXT.update(values)
+
+
+def _add_process_context(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    for key, value in _PROCESS_CONTEXT.items():
+        event.setdefault(key, value)
+    return event
+
+
 def _mask_secrets(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     for key in list(event):
         if _is_secret(key):
@@ -35,7 +52,7 @@ def _mask_secrets(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
 class _Sink:
     """Final processor: one JSON line to the file, one short line to the console."""
 
-    def __init__(self, json_file: TextIO | None, console: TextIO | None, console_level: int) -> None:
+    def __init__(self, json_file: TextIO | None, console: bool, console_level: int) -> None:
         self.json_file = json_file
         self.console = console
         self.console_level = console_level
@@ -47,15 +64,19 @@ class _Sink:
             if self.json_file is not None:
                 self.json_file.write(json.dumps(event, default=str) + "\n")
                 self.json_file.flush()
-            if self.console is not None and _LEVELS.get(level, 20) >= self.console_level:
+            if self.console and _LEVELS.get(level, 20) >= self.console_level:
                 who = event.get("actor") or event.get("component") or ""
+                role = str(who).rpartition("-")[0] or who  # `rollout-0` → `rollout`
                 rest = " ".join(
                     f"{k}={v}" for k, v in event.items()
                     if k not in ("event", "level", "timestamp", "actor", "run", "component", "pid", "host")
+                    and not (k in ("role", "stage") and v in (who, role))  # [who] says it already
                 )
                 stamp = time.strftime("%H:%M:%S")
-                self.console.write(f"{stamp} {level:<7} [{who}] {event.get('event', '')} {rest}\n".rstrip() + "\n")
-                self.console.flush()
+                # sys.stderr looked up per line, not kept: a live progress display (asyncflow/progress.py)
+                # swaps it for a proxy that prints above the display instead of through it.
+                sys.stderr.write(f"{stamp} {level:<7} [{who}] {event.get('event', '')} {rest}\n".rstrip() + "\n")
+                sys.stderr.flush()
         raise structlog.DropEvent
 
 
@@ -84,11 +105,12 @@ def setup_logging(json_path: Path | None = None, console: bool = True, console_l
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            _add_process_context,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _mask_secrets,
             structlog.processors.format_exc_info,
-            _Sink(json_file, sys.stderr if console else None, _LEVELS[console_level]),
+            _Sink(json_file, console, _LEVELS[console_level]),
         ],
         cache_logger_on_first_use=False,
     )

@@ -31,6 +31,7 @@ from asyncflow.wire import MetricsEvent, decode
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 ROLE_ORDER = ("scheduler", "rollout", "reward", "trainer", "param_sync")
 """Timeline rows go in data-flow order; roles not listed here follow, by name."""
@@ -459,6 +460,17 @@ def plot_report(run_dir: Path, out: Path) -> Path:
 
 def _plot_run(run: RunData, out: Path) -> Path:
     plt = _pyplot()
+    fig = report_figure(run)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def report_figure(run: RunData) -> Figure:
+    """The report's figure (the caller saves and closes it): a phases bar; the stage timeline per
+    actor and the throughput over the working part; mean reward per step; the staleness histogram."""
+    plt = _pyplot()
     colours = _stage_colours(s.stage for s in run.spans)
     timeline_height = 0.32 * len(run.actor_roles) + 0.8
     fig = plt.figure(figsize=(13, timeline_height + 7.4), dpi=110, layout="constrained")
@@ -475,10 +487,7 @@ def _plot_run(run: RunData, out: Path) -> Path:
     _draw_reward(fig.add_subplot(grid[3, 0]), run)
     _draw_staleness(fig.add_subplot(grid[3, 1]), run)
     fig.suptitle(_headline(run), fontsize=12)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return fig
 
 
 def plot_timelines(run_dirs: Mapping[str, Path], out: Path, *, align: str = "work") -> Path:

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from asyncflow.algorithms.grpo import group_advantages, grpo_loss
 from asyncflow.config import Config
-from asyncflow.dataset import load_prompts, tokenize_prompt
+from asyncflow.dataset import load_data, tokenize_prompt
 from asyncflow.engines import SamplingParams, TrainBatch, make_inference_engine, make_training_engine
 from asyncflow.hooks import load_callable
 from asyncflow.partitions import group_sample_ids, prompt_index, sample_seed
@@ -34,7 +34,7 @@ class SyncStep:
 def run_synchronous(config: Config) -> tuple[list[SyncStep], dict[str, torch.Tensor]]:
     """Train `config.run.steps` steps synchronously; returns per-step records and the final weights."""
     algo = config.algorithm
-    rows = load_prompts(config.data.path, config.data.prompt_field)
+    rows = load_data(config.data)
     tokenizer = AutoTokenizer.from_pretrained(str(config.model.path))
     reward_fn = load_callable(config.reward.function, "reward.function")
     generator = make_inference_engine(config.rollout.engine, config.model.path, config.model.dtype)

@@ -2,11 +2,13 @@
 
 Messages are JSON (readable with `nats sub 'af.>'`) and small: they say *where* data is
 (Flight keys and locations), never carry the data itself. `decode` turns any bad payload into
-a `WireError` naming the subject, so a hostile or truncated message is rejected, not crashed on.
+a `WireError` naming the subject, so a hostile or truncated message is rejected, not crashed on,
+and counts it in `REJECTED` (per subject kind), which actors report in their stats and final log.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -18,7 +20,9 @@ MAX_MESSAGE_BYTES = 256 * 1024
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No NaN / Infinity: a JSON NaN literal would otherwise parse, and pydantic writes non-finite
+    # floats as null, which no reader could decode: refused when built, never half-sent.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     def encode(self) -> bytes:
         payload = self.model_dump_json().encode()
@@ -30,16 +34,41 @@ class Message(BaseModel):
 M = TypeVar("M", bound=Message)
 
 
+REJECTED: Counter[str] = Counter()
+"""Messages `decode` refused in this process, by `subject_kind`. Counted here, not by each consumer,
+because every consumer of every subject decodes through `decode`: none can forget to count."""
+_MAX_KINDS = 64  # distinct kinds kept; a flood of made-up subjects counts under "other"
+
+
+def subject_kind(subject: str) -> str:
+    """What a rejection is counted under: `af.<run>.work.rollout` → `work.rollout`, `af.<run>.weights`
+    → `weights`, `af.<run>.metrics.<actor>` → `metrics`; other names → their first two tokens."""
+    tokens = subject.split(".")
+    if len(tokens) >= 3 and tokens[0] == "af":
+        rest = tokens[2:]
+        return rest[0] if rest[0] in ("metrics", "svc") else ".".join(rest[:2])
+    return ".".join(tokens[:2])[:64]
+
+
+def _rejected(subject: str, reason: str) -> WireError:
+    kind = subject_kind(subject)
+    if kind not in REJECTED and len(REJECTED) >= _MAX_KINDS:
+        kind = "other"
+    REJECTED[kind] += 1
+    return WireError(subject, reason)
+
+
 def decode(kind: type[M], payload: bytes, subject: str = "?") -> M:
-    """Parse `payload` as `kind`; any malformed input raises WireError(subject, reason)."""
+    """Parse `payload` as `kind`; any malformed input raises WireError(subject, reason) and is
+    counted in `REJECTED`."""
     if len(payload) > MAX_MESSAGE_BYTES:
-        raise WireError(subject, f"{len(payload)} bytes exceeds {MAX_MESSAGE_BYTES}")
+        raise _rejected(subject, f"{len(payload)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
         return kind.model_validate_json(payload)
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "<root>"
-        raise WireError(subject, f"{kind.__name__}.{where}: {first['msg']}") from None
+        raise _rejected(subject, f"{kind.__name__}.{where}: {first['msg']}") from None
 
 
 class ChunkRef(Message):
@@ -91,6 +120,24 @@ class DoneEvent(Message):
     failed: dict[int, str] = Field(default_factory=dict)
     policy_version: int | None = None
     busy_s: float = 0.0
+
+
+class LostEvent(Message):
+    """Stage `stage` could not read the inputs `lost` of work item `item_id`: their chunks are gone
+    from the store named in each ref (it died and came back empty). Published on
+    `af.<run>.lost.<stage>` instead of retrying; the item is then dropped from the queue (term), and
+    the scheduler re-issues `groups` from the earliest stage whose inputs survive (lineage recovery)."""
+
+    kind: Literal["lost"] = "lost"
+    stage: str
+    item_id: str
+    actor: str
+    partition: int = Field(ge=0)
+    groups: list[int]
+    sample_ids: list[int]
+    lost: list[ChunkRef]
+    """The item's input refs whose keys the store no longer holds (each ref as the item named it)."""
+    reason: str = ""
 
 
 class StepEvent(Message):

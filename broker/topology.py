@@ -39,10 +39,10 @@ async def ensure_topology(
     )
     events = StreamConfig(
         name=names.events_stream,
-        subjects=[f"{names.prefix}.done.>", names.weights, f"{names.prefix}.dead.>"],
+        subjects=[f"{names.prefix}.done.>", names.weights, f"{names.prefix}.dead.>", f"{names.prefix}.lost.>"],
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
-        description=f"AsyncFlow stage outputs, weight versions and dead letters of run {names.run}",
+        description=f"AsyncFlow stage outputs, weight versions, dead letters and lost inputs of run {names.run}",
     )
     for config in (work, events):
         await _add_or_update_stream(js, config)

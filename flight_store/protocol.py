@@ -43,7 +43,8 @@ def decode_ticket(ticket: bytes) -> tuple[str, int | None, int | None]:
 ACTIONS: dict[str, str] = {
     "drop_prefix": "Remove every key starting with the UTF-8 prefix in the body; "
     'returns JSON {"dropped": n, "bytes_freed": b}',
-    "stats": "Return JSON counters: keys, bytes_used, capacity_bytes, puts, gets, refused, bytes_in, bytes_out",
+    "stats": "Return JSON counters: keys, bytes_used, capacity_bytes, puts, gets, refused, bad_schema, bytes_in, "
+             "bytes_out",
     "health": 'Return b"ok" while the server is serving',
 }
 """The server's actions (`do_action` types) and their descriptions (as `list_actions` reports them)."""

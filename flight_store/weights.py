@@ -4,6 +4,11 @@ One row per tensor: name (string), dtype (torch dtype name, e.g. "bfloat16"), sh
 data (large_binary: the contiguous CPU tensor's little-endian bytes). Rows are grouped into record
 batches of about `max_batch_bytes` so no single Flight message is huge; a tensor larger than that
 travels as a batch of its own.
+
+A version is written to `WEIGHT_REPLICAS` stores when the client has that many: the announced
+ref names the first, and `get_weights` falls back to the others when the key is gone there (a
+store that died and came back empty), so losing one store never loses a policy version. With a
+single store a lost version raises `MissingChunkError` naming it (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from asyncflow.errors import StoreError
+from asyncflow.errors import MissingChunkError, StoreError, StoreUnavailableError
 from asyncflow.wire import ChunkRef
 from flight_store.client import StoreClient
 from flight_store.keys import weights_key, weights_prefix
 
 DEFAULT_MAX_BATCH_BYTES = 64 * 1024**2
+WEIGHT_REPLICAS = 2
+"""Stores each policy version is written to (fewer when the client has fewer locations)."""
 
 WEIGHTS_SCHEMA = pa.schema(
     [
@@ -105,17 +112,36 @@ def put_weights(
     location: str | None = None,
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
 ) -> ChunkRef:
-    """Store policy `version` as shard 0 at `location` (default: the client's first location)."""
+    """Store policy `version` as shard 0 at `location`, or by default at the client's first
+    `WEIGHT_REPLICAS` locations; the returned ref names the first."""
     key = weights_key(run, version, 0)
-    location = location or client.locations[0]
+    locations = [location] if location else client.locations[:WEIGHT_REPLICAS]
     schema, batches = weights_table_batches(named_tensors, max_batch_bytes)
-    client.put_table(key, pa.Table.from_batches(batches, schema=schema), location)
-    return ChunkRef(column="weights", key=key, location=location, sample_ids=[])
+    table = pa.Table.from_batches(batches, schema=schema)
+    for replica in locations:
+        client.put_table(key, table, replica)
+    return ChunkRef(column="weights", key=key, location=locations[0], sample_ids=[])
 
 
 def get_weights(client: StoreClient, ref: ChunkRef) -> dict[str, torch.Tensor]:
-    """Read weights written by put_weights; tensors are fresh, writable CPU copies."""
-    table = client.get_table(ref.key, ref.location)
+    """Read weights written by put_weights; tensors are fresh, writable CPU copies. A key missing
+    (or a store unreachable) at `ref.location` is looked for at the client's other locations, where
+    put_weights keeps replicas; MissingChunkError lists every place it was not."""
+    candidates = [ref.location, *(location for location in client.locations if location != ref.location)]
+    not_found: list[tuple[str, str]] = []
+    table: pa.Table | None = None
+    for location in candidates:
+        try:
+            table = client.get_table(ref.key, location)
+            break
+        except MissingChunkError as error:
+            not_found += error.missing
+        except StoreUnavailableError:
+            if len(candidates) == 1:
+                raise
+            not_found.append((ref.key, location))  # gone past the client's wait: try a replica
+    if table is None:
+        raise MissingChunkError(not_found)
     missing = [name for name in WEIGHTS_SCHEMA.names if name not in table.column_names]
     if missing:
         raise StoreError(f"key {ref.key!r} at {ref.location} is not a weights table: missing {missing}")

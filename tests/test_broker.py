@@ -34,7 +34,7 @@ def test_topology_streams_consumers_and_kv(nats_server):
         work = await js.stream_info(names.work_stream)
         assert work.config.retention == "workqueue" and work.config.subjects == ["af.t1.work.>"]
         events = await js.stream_info(names.events_stream)
-        assert set(events.config.subjects) == {"af.t1.done.>", "af.t1.weights", "af.t1.dead.>"}
+        assert set(events.config.subjects) == {"af.t1.done.>", "af.t1.weights", "af.t1.dead.>", "af.t1.lost.>"}
         for stage in ("rollout", "reward", "trainer"):
             info = await js.consumer_info(names.work_stream, stage)
             assert info.config.filter_subject == f"af.t1.work.{stage}" and info.config.max_deliver == 3

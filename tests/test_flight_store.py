@@ -125,11 +125,14 @@ def test_capacity_refusal_then_fits_after_drop(client: StoreClient):
 
 def test_refusal_mid_stream_of_many_batches(client: StoreClient):
     location = client.locations[0]
-    batch = pa.record_batch({"a": pa.array(range(20_000), pa.int64())})  # 160 KB each
+    column = pa.array(range(20_000), pa.int64())
+    batch = pa.record_batch({"sample_id": column, "a": column})  # 320 KB each
     table = pa.Table.from_batches([batch] * 10)
-    with pytest.raises(BackPressureError) as refused:
+    # Bigger than the whole store: a clear error at once, not back-pressure to wait out.
+    with pytest.raises(StoreError, match=rf"'r/0/a/big' at {location}: put of \d+ bytes exceeds .* capacity of "
+                                         rf"{CAPACITY} bytes and can never fit") as refused:
         client.put_table("r/0/a/big", table, location)
-    assert refused.value.used == 0 and refused.value.size > CAPACITY
+    assert not isinstance(refused.value, BackPressureError)
     assert client.stats()[location]["bytes_used"] == 0
     client.put_table("r/0/a/small", pa.Table.from_batches([batch] * 2), location)  # reservation released
 

@@ -14,7 +14,7 @@ import pytest
 from asyncflow.errors import ReportError
 from asyncflow.launcher import run
 from asyncflow.monitor import peak_rss_mb
-from asyncflow.report import load_spans, plot_timelines, utilisation, write_report
+from asyncflow.report import load_run, load_spans, plot_timelines, report_figure, utilisation, write_report
 from asyncflow.wire import MetricsEvent
 from tests.conftest import make_tiny_config
 
@@ -143,3 +143,52 @@ def test_peak_rss_reads_this_process_and_tolerates_a_gone_one():
         pytest.skip("peak RSS comes from /proc (Linux)")
     assert peak_rss_mb(os.getpid()) > 1.0
     assert peak_rss_mb(2**22 + 1) is None  # above Linux's pid_max: never a live process
+
+
+def synthetic_run(run_dir: Path) -> Path:
+    """A run directory written by hand: 3 steps, 4 actors, known rewards and staleness."""
+    start = 1_000_000.0
+    run_dir.mkdir(parents=True)
+    spans = [span("scheduler-0", "prompt", start + 1, start + 1.2), span("rollout-0", "rollout", start + 1.2, start + 3),
+             span("reward-0", "reward", start + 3, start + 3.5), span("trainer-0", "trainer", start + 3.5, start + 5),
+             span("rollout-0", "rollout", start + 3, start + 6), span("trainer-0", "trainer", start + 6, start + 7)]
+    (run_dir / "spans.jsonl").write_text("".join(s.model_dump_json() + "\n" for s in spans))
+    rows = [{"step": i, "time_s": 5.0 + i, "samples": 8, "reward_mean": r, "staleness_max": i % 2}
+            for i, r in enumerate([0.25, 0.5, 0.75])]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run_dir / "summary.json").write_text(json.dumps({"steps": 3, "samples": 24, "wall_s": 9.0, "samples_per_s": 2.667,
+                                                      "started_at": start, "reward_last": 0.75}))
+    (run_dir / "actors.json").write_text(json.dumps([{"actor": a, "role": a[:-2]} for a in
+                                                     ("scheduler-0", "rollout-0", "reward-0", "trainer-0")]))
+    (run_dir / "trainer").mkdir()
+    staleness = [0] * 10 + [1] * 14  # 24 samples: 10 on-policy, 14 one version behind
+    (run_dir / "trainer" / "trained_samples.jsonl").write_text(
+        "".join(json.dumps({"step": 1 + s, "policy_version": 1}) + "\n" for s in staleness))
+    (run_dir / "config.yaml").write_text("run: {name: synthetic}\nalgorithm: {max_staleness: 1}\n")
+    return run_dir
+
+
+def test_report_picture_has_reward_curve_throughput_staleness_histogram_and_timeline(tmp_path: Path):
+    import matplotlib.pyplot as plt
+
+    run = load_run(synthetic_run(tmp_path / "run"))
+    fig = report_figure(run)
+    try:
+        axes = {ax.get_title(): ax for ax in fig.axes}
+        timeline = next(ax for title, ax in axes.items() if title.startswith("busy spans per actor"))
+        assert [t.get_text().split()[0] for t in timeline.get_yticklabels()] == [
+            "scheduler-0", "rollout-0", "reward-0", "trainer-0"]
+        assert len(timeline.collections) == 4  # one bar series per (actor, stage)
+        reward = axes["mean reward per step"]
+        assert list(reward.lines[0].get_xdata()) == [0, 1, 2]
+        assert list(reward.lines[0].get_ydata()) == [0.25, 0.5, 0.75]
+        histogram = axes["staleness"]
+        assert [p.get_height() for p in histogram.patches] == [10, 14]  # a histogram of per-sample staleness
+        throughput = next(ax for ax in fig.axes if ax.get_ylabel() == "samples / s")
+        assert len(throughput.patches) >= 2  # generated and trained rate curves
+    finally:
+        plt.close(fig)
+    files = write_report(run.run_dir)
+    page = files.html.read_text()
+    assert "data:image/png;base64," in page and "<h2>Summary</h2>" in page
+    assert "samples_per_s" in page and "2.667" in page and "synthetic" in page

@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -110,6 +111,18 @@ class TrainingEngine(ABC):
         an item fails part-way, then replays the step's other items, so that no sample's gradient
         counts twice. An engine that cannot do this makes a failed item stop the trainer."""
         raise EngineError(f"{type(self).__name__} cannot discard accumulated gradients")
+
+    def training_state(self) -> dict[str, Any]:
+        """What a resumed run needs besides the weights (which `save_pretrained` writes): the
+        optimizer's state (moments, step counts) and any counters of the engine. Tensors, lists,
+        dicts and numbers only, so checkpoints load with `torch.load(weights_only=True)`. Called at
+        a step boundary, with no gradient accumulated. An engine that cannot makes checkpoints fail."""
+        raise EngineError(f"{type(self).__name__} cannot save its training state, so it cannot checkpoint "
+                          "(set trainer.checkpoint_every: 0 or implement training_state/load_training_state)")
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        """Restore what `training_state` returned, into an engine built from the checkpoint's folder."""
+        raise EngineError(f"{type(self).__name__} cannot load a training state, so it cannot resume from a checkpoint")
 
     @abstractmethod
     def compute_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:

@@ -19,7 +19,9 @@ joined a torch.distributed group (gloo on CPU, NCCL when `device` is CUDA, rank 
     compute_logprobs  sharded like forward_backward and gathered in order: the KL reference
                       pass is as large as the training pass, so it is worth splitting too.
     export_weights,   rank 0's replica (all replicas are equal).
-    save_pretrained
+    save_pretrained,
+    training_state
+    load_training_state  sent to every rank (a checkpoint's optimizer state, for a resumed run).
 
 Why a manual all-reduce at the step and not DDP's backward hooks: the trainer accumulates
 gradients as GRPO groups stream in and only learns that a step is complete once the last group
@@ -375,6 +377,8 @@ def _worker_main(rank: int, init: _WorkerInit, conn: Connection) -> None:
                     result = replica.compute_logprobs(*args)
                 elif command == "discard_gradients":
                     result = replica.discard_gradients()
+                elif command == "load_training_state":
+                    result = replica.load_training_state(*args)
                 else:
                     raise EngineError(f"unknown data-parallel command {command!r}")
                 _send(conn, ("ok", seq, result))
@@ -527,6 +531,14 @@ class DataParallelTrainingEngine(TrainingEngine):
 
     def discard_gradients(self) -> None:
         self._run("discard_gradients", [()] * self.world, lambda: self._replica.discard_gradients())
+
+    def training_state(self) -> dict[str, Any]:
+        # Every rank stepped on the same summed gradient, so rank 0's optimizer state is everyone's.
+        self._check_usable()
+        return self._replica.training_state()
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        self._run("load_training_state", [(state,)] * self.world, lambda s: self._replica.load_training_state(s))
 
     def compute_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         if len(prompt_ids) != len(response_ids):

@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -138,6 +139,12 @@ class SimulatedTrainingEngine(TrainingEngine):
 
     def discard_gradients(self) -> None:
         self.accumulated_samples = 0
+
+    def training_state(self) -> dict[str, Any]:
+        return {"steps": self.steps}  # the simulated weights are a function of the step count
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
 
     def optimizer_step(self, grad_scale: float) -> dict[str, float]:
         time.sleep(self.settings.step_s)

@@ -5,7 +5,7 @@ An engine subclasses `TorchTrainingEngine` and provides `self.model`, `self.opti
 response_ids)`, the [B, T] token logprobs over response positions with a graph to the weights.
 `_context()` may wrap all model work (Megatron-core installs its CPU shims there). The semantics
 are the `TrainingEngine` contract: summed per-sample losses, gradients accumulated across calls,
-scaled once per optimizer step.
+scaled once per optimizer step; the training state a checkpoint keeps is the optimizer's.
 """
 
 from __future__ import annotations
@@ -161,6 +161,20 @@ class TorchTrainingEngine(TrainingEngine):
 
     def discard_gradients(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+    def training_state(self) -> dict[str, Any]:
+        # torch's optimizer state dict names parameters by their index in `model.parameters()`,
+        # which an engine rebuilt from the checkpoint's folder enumerates in the same order.
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError) as error:
+            raise EngineError(
+                f"{type(self).__name__}: the checkpoint's optimizer state does not fit this model "
+                f"({type(error).__name__}: {error}); was it written by another model or engine type?"
+            ) from error
 
     def optimizer_step(self, grad_scale: float) -> dict[str, float]:
         parameters = [p for p in self.model.parameters() if p.grad is not None]
