@@ -36,7 +36,7 @@ from asyncflow.graph import WORK_STAGES
 from asyncflow.logs import get_logger
 from asyncflow.metrics_sinks import MetricsSinks
 from asyncflow.progress import make_progress
-from asyncflow.report import utilisation
+from asyncflow.report import iter_spans, utilisation
 from asyncflow.wire import DeadLetter, Heartbeat, LostEvent, MetricsEvent, StepEvent, decode
 from broker import RunNames, connect
 
@@ -124,7 +124,9 @@ class MonitoredRows(list[dict[str, Any]]):
     def __init__(self, started: float) -> None:
         super().__init__()
         self.started = started
-        self.spans: list[MetricsEvent] = []
+        self.spans_path: Path | None = None
+        """The run's spans.jsonl, which the monitor appends every busy span to: read back once for
+        the busy fractions, so that a long run's spans never sit in the launcher's memory."""
         self.peak_rss_mb: dict[str, float] = {}
         self.actor_roles: dict[str, str] = {}
         """Actor name → role for every process the launcher started, busy or not."""
@@ -167,7 +169,8 @@ def summarize(rows: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
         "failed_samples": sum(r["failed_samples"] for r in rows),
     }
     if isinstance(rows, MonitoredRows):
-        used = utilisation(rows.spans, rows.started, rows.started + wall_s, rows.actor_roles)
+        spans = iter_spans(rows.spans_path) if rows.spans_path is not None and rows.spans_path.is_file() else []
+        used = utilisation(spans, rows.started, rows.started + wall_s, rows.actor_roles)
         summary["started_at"] = round(rows.started, 3)
         summary["busy_fraction"] = {stage: round(f, 4) for stage, f in sorted(used.stage_fraction.items())}
         summary["peak_rss_mb"] = dict(sorted(rows.peak_rss_mb.items()))
@@ -219,7 +222,7 @@ class Monitor:
         self.record = MonitoredRows(started)
         self.record.actor_roles = {actor.name: actor.role for actor in processes}
         self.writer = MetricsWriter(config.run_dir / "metrics.jsonl", started, rows=self.record)
-        self.spans_path = config.run_dir / "spans.jsonl"
+        self.spans_path = self.record.spans_path = config.run_dir / "spans.jsonl"
         self.started = started
         self.finished = asyncio.Event()
         self.log = get_logger(run=config.run.name, actor="launcher")
@@ -259,7 +262,6 @@ class Monitor:
             self.log.warning("bad metrics message", error=str(error))
             return
         self.writer.add_span(span)
-        self.record.spans.append(span)
         self._spans_file.write(span.model_dump_json() + "\n")
 
     def _sample_memory(self) -> None:

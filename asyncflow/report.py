@@ -19,7 +19,7 @@ import base64
 import html
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -102,13 +102,19 @@ def load_spans(run_dir: Path) -> list[MetricsEvent]:
     """Every busy span the monitor recorded for the run in `run_dir`, in arrival order."""
     path = _require(_check_run_dir(run_dir) / "spans.jsonl",
                     "the launcher writes it during `asyncflow run`; older runs have none")
-    spans = []
-    for number, line in _json_lines(path):
-        try:
-            spans.append(decode(MetricsEvent, line.encode(), f"{path}:{number}"))
-        except WireError as error:
-            raise ReportError(f"{path}:{number}", error.reason) from None
-    return spans
+    return list(iter_spans(path))
+
+
+def iter_spans(path: Path) -> Iterator[MetricsEvent]:
+    """The spans of a `spans.jsonl` file one at a time (a long run's spans need not all be in memory)."""
+    with Path(path).open() as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield decode(MetricsEvent, line.encode(), f"{path}:{number}")
+            except WireError as error:
+                raise ReportError(f"{path}:{number}", error.reason) from None
 
 
 def load_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -523,8 +523,9 @@ def run_scale(instances: int, *, seconds: float = 10.0, warmup_s: float = 2.0, r
                               max_staleness=max_staleness, phase_barrier=phase_barrier)
         (config.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         prepare_inputs(config)
-        broker_url = start_broker(config, cleanup)
-        stores = start_stores(config, cleanup)
+        services: list = []  # the launcher's restart handles: unused here, a dead broker fails the benchmark
+        broker_url = start_broker(config, cleanup, services)
+        stores = start_stores(config, cleanup, services)
         asyncio.run(set_up_run(config, broker_url, stores))
         (ports,) = (config.run_dir / "nats" / "ports").glob("*.ports")  # nats-server_<pid>.ports
         broker_pid = int(ports.stem.rsplit("_", 1)[1])

@@ -118,7 +118,11 @@ class StoreClient:
                               "(check security.store_auth and the token's environment variable)")
         if isinstance(error, flight.FlightUnavailableError):
             hint = ""
-            if "ssl" in text.lower() or "socket closed" in text.lower() or "handshake" in text.lower():
+            lowered = text.lower()
+            # "Stream removed": a call that was under way lost its server (it died, and may come back).
+            misconfigured = "ssl" in lowered or "handshake" in lowered or (
+                "socket closed" in lowered and "stream removed" not in lowered)
+            if misconfigured:
                 hint = ("; a TLS store needs a grpc+tls:// location and a CA that signed its certificate "
                         "(security.store_tls, security.tls_ca)")
             if hint:  # a misconfiguration: waiting for the store to come back cannot help
