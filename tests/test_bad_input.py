@@ -500,18 +500,24 @@ def test_garbage_on_every_subject_and_a_full_store_mid_run(tmp_path, tiny_model_
     capacity = 8 * 1024**2
     store_server = ColumnStoreServer(capacity_bytes=capacity)
     steps, prompts, group = 6, 4, 4
+    # Steps of at least 1 s: the run must still be producing (rollout columns, the trainer's weight
+    # versions) when the store is filled, or no producer ever meets the full store.
+    sections = {**SIMULATED, "trainer": {**SIMULATED["trainer"],
+                                         "engine": {**SIMULATED["trainer"]["engine"], "step_s": 1.0}}}
     config = make_tiny_config(
         tmp_path, tiny_model_dir, arith_dataset, 1, "badrun", steps=steps, prompts=prompts, group=group,
         broker={"url": nats_server.url}, store={"locations": [store_server.location]},
-        reward={"function": "asyncflow.engines.simulated:simulated_reward"}, **SIMULATED,
+        reward={"function": "asyncflow.engines.simulated:simulated_reward"}, **sections,
     )
     rejected_before = Counter(wire.REJECTED)  # the launcher's monitor runs in this process
     thread, outcome = _start_run(config)
     try:
         sent = asyncio.run(_inject_garbage(nats_server.url, config.run.name))
         with StoreClient([store_server.location]) as store:
-            refused_before = store.stats()[store_server.location]["refused"]
             _fill(store, store_server.location, capacity)
+            # Counted after the fill: its own top-up attempts can be refused too, and must not
+            # pass for a producer's.
+            refused_before = store.stats()[store_server.location]["refused"]
             deadline = time.monotonic() + 60
             while store.stats()[store_server.location]["refused"] < refused_before + 3:
                 assert time.monotonic() < deadline, "nobody tried to write to the full store"

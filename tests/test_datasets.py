@@ -141,17 +141,20 @@ def test_chat_template_prompting_uses_the_tokenizers_template_and_system_prompt(
 @pytest.mark.slow
 def test_a_run_reads_its_prompts_from_a_save_to_disk_folder(tmp_path: Path, tiny_model_dir: Path):
     """Simulated engines, the real actors, broker and store: every trained sample's prompt came from
-    the folder (its reward function checks the row fields it receives)."""
+    the folder's `train` split, through the config's field mapping (the dataset says `question` and
+    `solution`; the reward function takes `prompt` and `answer` and checks they belong together)."""
     from actors.trainer import read_records
     from asyncflow.launcher import run
     from tests.conftest import make_tiny_config
 
     folder = tmp_path / "arith-ds"
     prompts = [f"{a}+{b}=" for a in range(4) for b in range(4)]
-    datasets.Dataset.from_dict({"prompt": prompts, "answer": [str(eval(p[:-1])) for p in prompts]}) \
-        .save_to_disk(str(folder), num_shards=2)
+    train = datasets.Dataset.from_dict({"question": prompts, "solution": [str(eval(p[:-1])) for p in prompts]})
+    wrong = datasets.Dataset.from_dict({"question": ["1+1="], "solution": ["3"]})  # any use of it fails
+    datasets.DatasetDict({"train": train, "test": wrong}).save_to_disk(str(folder), num_shards={"train": 2, "test": 1})
     config = make_tiny_config(
         tmp_path, tiny_model_dir, folder, 1, "hf-dataset", steps=2, prompts=4, group=2,
+        data={"path": str(folder), "split": "train", "prompt_field": "question", "fields": {"answer": "solution"}},
         rollout={"engine": {"type": "simulated", "per_token_s": 0.0, "prefill_s": 0.0, "mean_tokens": 3}},
         trainer={"save_final": False, "engine": {"type": "simulated", "per_token_s": 0.0}},
         reward={"function": "tests.test_datasets:reward_needs_answer"},
