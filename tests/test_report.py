@@ -61,10 +61,13 @@ def test_summary_has_peak_memory_per_actor_and_busy_fraction_per_stage(finished_
     assert set(fractions) >= {"prompt", "rollout", "reward", "trainer"}
     assert all(0 <= f <= 1 for f in fractions.values())
     assert fractions["trainer"] > 0
-    # The same figures follow from the spans on disk and the run's window.
+    # The same figures follow from the spans on disk and the run's window (which summary.json keeps
+    # to the millisecond: the last digit of a fraction may differ).
     started = summary["started_at"]
     used = utilisation(load_spans(finished_run), started, started + summary["wall_s"], roles)
-    assert fractions == {stage: round(f, 4) for stage, f in used.stage_fraction.items()}
+    assert fractions.keys() == used.stage_fraction.keys()
+    assert all(abs(fractions[stage] - f) <= 2e-4 for stage, f in used.stage_fraction.items()), \
+        (fractions, used.stage_fraction)
 
 
 @pytest.mark.slow
