@@ -306,7 +306,13 @@ class Trainer:
             )
             await self.rt.publish(self.rt.names.done(TRAINER.name), event, msg_id=f"step-{step}")
             for msg in acc.messages:
-                await msg.ack_sync(timeout=self.rt.timeout_s)
+                try:
+                    await msg.ack_sync(timeout=self.rt.timeout_s)
+                except Exception as error:
+                    # The step is announced: an ack lost (e.g. to a broker restart) only brings the
+                    # item back after ack_wait, and `accept` acks items of past steps untrained.
+                    self.rt.log.warning("ack not confirmed; the item may be redelivered", step=step,
+                                        error=f"{type(error).__name__}: {error}")
             self.rt.log.info("step done", step=step, samples=n, failed=len(acc.failed), reward=event.reward_mean,
                              loss=round(event.loss, 5), grad_norm=round(event.grad_norm, 4),
                              max_staleness=max((step - v for v in acc.versions), default=0),
