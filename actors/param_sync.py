@@ -4,6 +4,11 @@ For every finished step it publishes `af.<run>.weights` (version v is at Flight 
 the version in the run's KV bucket, and drops weight versions no rollout can need any more:
 rollout instances only ever load the newest announced version, and one still loading the
 previous one must find it, so the two newest are kept.
+
+A restarted param-sync takes the newest announced version from KV (`policy_version`, written after
+each announcement) and replays the step events still in the EVENTS stream, announcing the versions
+newer than that one. Compaction (actors/scheduler.py) keeps every step event whose version is not
+announced yet, so none is missed; older ones may be gone, and are not needed.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 
 from nats.aio.msg import Msg
+from nats.js.errors import KeyNotFoundError
 
 from actors.runtime import ActorRuntime
 from asyncflow.checkpoint import initial_policy
@@ -31,9 +37,32 @@ class ParamSync:
         self.dropped_below = self.latest + 1
 
     async def run(self) -> None:
+        await self._restore()
         await self.rt.subscribe_events(self.rt.names.done(TRAINER.name), self.on_step)
         self.rt.state = "ready"
         await self.rt.wait_stopped()
+
+    async def _restore(self) -> None:
+        """After a restart: the newest version announced before it (KV), so that the replay announces
+        only newer ones, and weight versions are dropped from where the last run of this actor was."""
+        try:
+            entry = await self.rt.kv.get(KV_POLICY_VERSION)
+        except KeyNotFoundError:
+            return
+        try:
+            announced = int(entry.value or b"")
+        except ValueError:
+            self.rt.counters["bad_kv_values"] += 1
+            self.rt.log.error("unreadable policy version in KV ignored", key=KV_POLICY_VERSION,
+                              value=(entry.value or b"")[:200].decode(errors="replace"))
+            return
+        if announced > self.latest:
+            self.latest = announced
+            self.rt.policy_version = announced
+            # Versions up to announced - KEEP_VERSIONS were dropped, but for the last one if the
+            # process died between the KV write and the drop: dropping it again is harmless.
+            self.dropped_below = max(self.dropped_below, announced - KEEP_VERSIONS)
+            self.rt.log.info("announced version restored from KV", version=announced)
 
     async def on_step(self, msg: Msg) -> None:
         try:

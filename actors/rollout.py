@@ -10,6 +10,11 @@ items are generated at once. A swap holds new items back until the new weights a
 in flight either finish on the new weights (default, as AReaL's interruptible rollout; they keep
 the version they started with as their label) or, with `rollout.drain_before_swap`, are waited
 for first.
+
+A version found gone from the stores (lost with a store that restarted empty) is reported to the
+trainer on `af.<run>.weights.lost`; the swap waits, bounded by `rollout.weights_timeout_s`, for the
+trainer to put its weights again (the prefetcher retries on the re-announcement), while items the
+weights in use still satisfy go on.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from asyncflow.engines import SamplingParams, make_inference_engine
 from asyncflow.errors import WireError
 from asyncflow.graph import ROLLOUT
 from asyncflow.partitions import group_of, sample_seed
-from asyncflow.wire import ChunkRef, DoneEvent, WeightsEvent, WorkItem, decode
+from asyncflow.wire import ChunkRef, DoneEvent, WeightsEvent, WeightsLostEvent, WorkItem, decode
 from flight_store.columns import float_lists, token_lists
 
 WEIGHT_SWAP_STAGE = "weight_swap"  # the busy spans of swaps show on the timeline under this name
@@ -50,7 +55,8 @@ class Rollout:
         )
         self.version = start_version
         self.rt.policy_version = start_version
-        self.prefetcher = WeightPrefetcher(runtime.store, config.rollout.prefetch_weights, runtime.actor_id)
+        self.prefetcher = WeightPrefetcher(runtime.store, config.rollout.prefetch_weights, runtime.actor_id,
+                                           report=self._report_lost_weights)
         self.concurrency = config.rollout.concurrent_items if self.engine.concurrent_requests else 1
         # Generation calls in flight, and whether a swap is holding new ones back (batch boundary).
         self._generating = 0
@@ -73,6 +79,19 @@ class Rollout:
             self.rt.log.error("bad weights event ignored", error=str(error))
             return
         self.prefetcher.announce(event)
+
+    async def _report_lost_weights(self, event: WeightsLostEvent) -> None:
+        """Ask the trainer to put an announced version again: its key is gone from the stores."""
+        try:
+            await self.rt.nc.publish(self.rt.names.weights_lost, event.encode())
+        except Exception as error:  # the prefetcher reports again while a swap waits
+            self.rt.log.warning("could not report lost weights", version=event.version,
+                                error=f"{type(error).__name__}: {error}")
+            return
+        self.rt.counters["weights_lost_reports"] += 1
+        self.rt.log.warning("policy version gone from the stores; reported for a re-put", version=event.version,
+                            republished=event.republished, key=event.weights.key,
+                            location=event.weights.location, reports=self.rt.counters["weights_lost_reports"])
 
     async def ensure_version(self, needed: int) -> None:
         """Swap weights only if the current ones are too old for this item (deferred update)."""
@@ -99,10 +118,14 @@ class Rollout:
             self.rt.policy_version = fetched.version
             now = time.time()
             download_started = fetched_at - fetched.exposed_fetch_s
+            lost = {}
+            if fetched.lost_wait_s:
+                self.rt.counters["weights_recovered"] += 1
+                lost = {"waited_for_lost_version_s": round(fetched.lost_wait_s, 4)}
             self.rt.log.info("weights updated", version=fetched.version, needed=needed,
                              wait_for_version_s=round(download_started - waited, 4),
                              exposed_download_s=round(fetched.exposed_fetch_s, 4),
-                             drain_s=round(started - fetched_at, 4), load_s=round(now - started, 4))
+                             drain_s=round(started - fetched_at, 4), load_s=round(now - started, 4), **lost)
             # On the timeline a swap is the part of the download not hidden by the prefetch plus
             # the load. Waiting for the trainer to produce the version is idle time, not a swap;
             # during a drain the instance is still generating (the items' own spans show it).

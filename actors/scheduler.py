@@ -10,10 +10,11 @@ Handling an event is bookkeeping only: work items go to an outbox that a backgro
 publishes in pipelined batches (sent at once, acks awaited together), and another task drops
 trained partitions from the store; so the event stream never waits for a broker or store round trip.
 
-A restarted scheduler rebuilds its state from the EVENTS stream before it dispatches anything: it
-replays every event up to the stream's last sequence at start (done events, steps, weights, dead
-letters), then admits the partitions the staleness bound allows again, skipping trained ones, and
-sends each group the work it has not finished. Re-sent items keep their ids, so JetStream's
+A restarted scheduler rebuilds its state from the run's KV bucket and the EVENTS stream before it
+dispatches anything: the steps recorded in KV `progress` are trained; then it replays every event
+still in the stream up to its last sequence at start (done events, steps, weights, dead letters),
+admits the partitions the staleness bound allows again, skipping trained ones, and sends each
+group the work it has not finished. Re-sent items keep their ids, so JetStream's
 duplicate window (2 minutes) drops those still queued; one sent again after that is done twice
 and harmless: done events only add refs, and the trainer skips sample ids it has trained.
 
@@ -24,6 +25,14 @@ reward), re-writes the partition's prompts if they were lost (a pure function of
 group, so identical), and re-dispatches the groups from the earliest stage whose inputs survive,
 under new item ids (`-r<n>`: JetStream would drop a re-send under the old id as a duplicate).
 Re-issued rollout keeps the partition's `min_version` (I2); the trainer skips ids it has trained.
+
+Compaction keeps the EVENTS stream bounded (`_compact`): once a trained step is recorded in KV
+`progress`, the events that only partitions up to it needed are purged, in the background. Only a
+prefix of the stream goes (a purge below sequence S): S is the first sequence of the oldest event a
+restart may still need: every event of a partition not yet recorded, the step events a restart or
+param-sync has yet to learn from, the newest step events and weights announcements, the newest
+RECENT_EVENTS_KEPT events (dead letters: DEAD_LETTERS_KEPT more). So what stays is about the
+in-flight window, however long the run.
 """
 
 from __future__ import annotations
@@ -32,12 +41,14 @@ import asyncio
 import gc
 import json
 import time
+from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 from nats.aio.msg import Msg
+from nats.js.errors import KeyNotFoundError
 from transformers import AutoTokenizer
 
 from actors.runtime import ActorRuntime
@@ -57,7 +68,7 @@ from asyncflow.wire import (
     WorkItem,
     decode,
 )
-from broker.names import KV_PROGRESS
+from broker.names import KV_EVENTS_COMPACTION, KV_POLICY_VERSION, KV_PROGRESS
 from flight_store.columns import token_lists
 
 REPLAY_TIMEOUT_S = 120.0
@@ -68,6 +79,16 @@ MAX_BATCHES_IN_FLIGHT = 8
 """Batches of work items whose broker acks the scheduler awaits at once (back-pressure beyond)."""
 PROMPT_LOOKAHEAD = 2
 """Partitions past the one being admitted whose prompts are already written to the store."""
+RECENT_EVENTS_KEPT = 100
+"""Newest EVENTS messages compaction always keeps, whatever they concern: `asyncflow inspect` shows
+the last events, and they are the short history one debugs a run from."""
+ANNOUNCEMENTS_KEPT = 2
+"""Newest step events and weights announcements compaction keeps: rollout reads the newest
+announcement (DeliverPolicy.LAST), `asyncflow status` the newest step event and a rate over those
+left, and the store holds the two newest versions (param-sync), whose announcements stay readable."""
+DEAD_LETTERS_KEPT = 100
+"""Newest dead letters compaction keeps, whatever partition they concern: they are the operator's
+record of what failed (`asyncflow status` counts them, `nats stream view` shows them)."""
 
 
 @dataclass
@@ -126,6 +147,15 @@ class Scheduler:
         self._replaying = False
         self._replay_until = 0
         self._caught_up = asyncio.Event()
+        # Compaction of the EVENTS stream (`_compact`): where the events it must keep are.
+        self._recorded_step = start - 1  # newest step recorded in KV progress (every one below is trained)
+        self._last_seq = 0  # newest stream sequence handled
+        self._first_seq: dict[int, int] = {}  # partition above _recorded_step -> sequence of its first event
+        self._step_seqs: dict[int, int] = {}  # step -> sequence of its step event, for those not yet purged
+        self._weights_seqs: deque[int] = deque(maxlen=ANNOUNCEMENTS_KEPT)
+        self._dead_seqs: deque[int] = deque(maxlen=DEAD_LETTERS_KEPT)
+        self._purged_below = 1  # every event below this sequence but dead letters is purged
+        self._dead_purged_below = 1  # every event below this sequence is purged
 
     async def run(self) -> None:
         # What is loaded by now (torch, transformers, the tokenizer, the prompts) lives as long as the
@@ -158,7 +188,10 @@ class Scheduler:
         """Subscribe to every event from the start; return once the events that were in the stream
         when we started have all been handled (at once on a fresh run)."""
         info = await self.rt.js.stream_info(self.rt.names.events_stream)
-        self._replay_until = info.state.last_seq
+        recorded = await self._restore_progress()
+        # A stream compacted to nothing has no message to wait for (compaction keeps the newest ones,
+        # so that is a stream someone else purged).
+        self._replay_until = info.state.last_seq if info.state.messages else 0
         self._replaying = self._replay_until > 0
         if not self._replaying:
             self._caught_up.set()
@@ -170,9 +203,46 @@ class Scheduler:
             raise BrokerError(f"scheduler: replaying stream {self.rt.names.events_stream} up to sequence "
                               f"{self._replay_until} took over {REPLAY_TIMEOUT_S:.0f} s") from None
         if self._replay_until:
-            self.rt.log.info("state rebuilt from the events stream", events=self._replay_until,
+            self.rt.log.info("state rebuilt from the events stream", events=info.state.messages,
+                             first_seq=info.state.first_seq, last_seq=self._replay_until,
+                             trained_from_kv=recorded + 1 if recorded is not None else None,
                              seconds=round(time.time() - started, 3), trained=len(self.trained),
                              latest_version=self.latest_version, partitions_in_flight=sorted(self.partitions))
+
+    async def _restore_progress(self) -> int | None:
+        """What compaction purged from the EVENTS stream, from KV: the steps recorded as trained
+        (`progress`, written before any of their events is purged) and the newest policy version.
+        Returns the newest recorded step (None: none recorded)."""
+        progress = await self._kv_json(KV_PROGRESS)
+        step: int | None = None
+        if progress is not None:
+            try:
+                step = int(progress["step"])
+            except (KeyError, TypeError, ValueError):
+                self.rt.counters["bad_kv_values"] += 1
+                self.rt.log.error("unreadable progress in KV ignored", key=KV_PROGRESS, value=str(progress)[:200])
+            else:
+                if step > self._recorded_step:
+                    self._recorded_step = step
+                    self.trained.update(range(step + 1))
+                    self.next_partition = max(self.next_partition, step + 1)  # admission goes in order
+        version = await self._kv_json(KV_POLICY_VERSION)
+        if isinstance(version, int) and version > self.latest_version:
+            self.latest_version = version
+        return step
+
+    async def _kv_json(self, key: str) -> Any:
+        """The run's KV value at `key` as JSON; None when absent; unreadable ones are logged and None."""
+        try:
+            entry = await self.rt.kv.get(key)
+        except KeyNotFoundError:
+            return None
+        try:
+            return json.loads(entry.value or b"null")
+        except ValueError:
+            self.rt.counters["bad_kv_values"] += 1
+            self.rt.log.error("unreadable KV value ignored", key=key, value=(entry.value or b"")[:200].decode(errors="replace"))
+            return None
 
     async def _keep_running(self, work: Coroutine[Any, Any, None], what: str) -> None:
         try:
@@ -343,17 +413,36 @@ class Scheduler:
 
     async def on_event(self, msg: Msg) -> None:
         kind = msg.subject.removeprefix(self.rt.names.prefix + ".")
+        seq = msg.metadata.sequence.stream if msg.metadata is not None else 0
+        self._last_seq = max(self._last_seq, seq)
         try:
+            # Each handled event's sequence is noted first: compaction keeps what a restart needs.
+            # (A JetStream message always has one; 0, none, would pin compaction.)
             if kind == "done.trainer":
-                self.on_step(decode(StepEvent, msg.data, msg.subject))
+                step = decode(StepEvent, msg.data, msg.subject)
+                if seq:
+                    self._step_seqs.setdefault(step.step, seq)
+                self.on_step(step)
             elif kind.startswith("done."):
-                self.on_done(decode(DoneEvent, msg.data, msg.subject))
+                done = decode(DoneEvent, msg.data, msg.subject)
+                self._note_event(done.partition, seq)
+                self.on_done(done)
             elif kind == "weights":
-                await self.on_weights(decode(WeightsEvent, msg.data, msg.subject))
+                weights = decode(WeightsEvent, msg.data, msg.subject)
+                if seq:
+                    self._weights_seqs.append(seq)
+                await self.on_weights(weights)
             elif kind.startswith("dead."):
-                self.on_dead(decode(DeadLetter, msg.data, msg.subject))
+                if seq:
+                    self._dead_seqs.append(seq)  # kept even when unreadable: a record of what failed
+                letter = decode(DeadLetter, msg.data, msg.subject)
+                if letter.partition is not None:
+                    self._note_event(letter.partition, seq)
+                self.on_dead(letter)
             elif kind.startswith("lost."):
-                self.on_lost(decode(LostEvent, msg.data, msg.subject))
+                lost = decode(LostEvent, msg.data, msg.subject)
+                self._note_event(lost.partition, seq)
+                self.on_lost(lost)
         except WireError as error:
             self.bad_events += 1
             self.rt.counters["bad_events"] = self.bad_events
@@ -492,7 +581,8 @@ class Scheduler:
         self.trained.add(event.step)
         self.partitions.pop(event.step, None)
         self.trainer_ready.pop(event.step, None)
-        self._trained_queue.put_nowait((event.step, len(self.trained)))
+        if event.step > self._recorded_step:  # a replayed step KV records is dropped already
+            self._trained_queue.put_nowait((event.step, len(self.trained)))
 
     async def _drop_trained(self) -> None:
         """Free trained partitions in the store and record progress, in step order."""
@@ -510,7 +600,75 @@ class Scheduler:
                     self.rt.log.warning("dropping a trained partition failed, retrying", partition=step,
                                         attempt=attempt, error=f"{type(error).__name__}: {error}")
                     await asyncio.sleep(1.0)
+            self._recorded_step = max(self._recorded_step, step)
             self.rt.log.info("partition trained and dropped", partition=step, keys_dropped=dropped)
+            if self._trained_queue.empty():  # once per burst of steps (a restart's: at the next step)
+                await self._compact()
+
+    # -- compaction of the EVENTS stream ----------------------------------------------------
+
+    def _note_event(self, partition: int, seq: int) -> None:
+        """Remember where the first event of a partition not yet recorded as trained is."""
+        if seq and self._recorded_step < partition < self.config.run.steps:
+            self._first_seq.setdefault(partition, seq)
+
+    def _compaction_point(self) -> tuple[int, int]:
+        """(S, D): every event below sequence S but dead letters may go, and every event below D.
+
+        An event below S is one the scheduler has handled (S ≤ its newest + 1) and that only
+        partitions recorded as trained in KV needed, or one of no partition (a bad event, an older
+        announcement). Kept, from the first of them on: every event of a partition not yet recorded
+        (a restart rebuilds its groups from them), the step events of steps not yet recorded (a
+        restart learns them from there) or not yet announced (param-sync announces from them),
+        the newest ANNOUNCEMENTS_KEPT step events and weights announcements, the newest
+        RECENT_EVENTS_KEPT events, and (D) the newest DEAD_LETTERS_KEPT dead letters."""
+        recorded = self._recorded_step
+        newest_steps = sorted(self._step_seqs)[-ANNOUNCEMENTS_KEPT:]
+        unannounced = self.latest_version  # step s makes version s + 1
+        bounds = [self._last_seq + 1 - RECENT_EVENTS_KEPT, *self._weights_seqs]
+        bounds += [seq for partition, seq in self._first_seq.items() if partition > recorded]
+        bounds += [seq for step, seq in self._step_seqs.items()
+                   if step > recorded or step >= unannounced or step in newest_steps]
+        below = min(bounds)
+        return below, min([below, *self._dead_seqs])
+
+    async def _compact(self) -> None:
+        """Purge the EVENTS stream below the compaction point (`_compaction_point`). Runs in the
+        drop task, after KV `progress` records the step, never on the event path; a failure is
+        logged and counted, and the next trained step tries again (nothing is lost but bytes)."""
+        if self._replaying:
+            return  # the state is partial until the replay is over
+        below, dead_below = self._compaction_point()
+        self._first_seq = {p: seq for p, seq in self._first_seq.items() if p > self._recorded_step}
+        stream = self.rt.names.events_stream
+        if dead_below <= self._dead_purged_below and below <= self._purged_below:
+            return  # nothing new to purge
+        try:
+            # Both bounds are > 1 here: nats-py sends no sequence for 0, and a purge without one
+            # empties the stream. One purge of the whole prefix, then (when dead letters are kept
+            # further back) one per other subject of the stream.
+            if dead_below > self._dead_purged_below:
+                await self.rt.js.purge_stream(stream, seq=dead_below)
+                self._dead_purged_below = dead_below
+                self._purged_below = max(self._purged_below, dead_below)
+            if below > self._purged_below:
+                for subject in self.rt.names.events_subjects:
+                    if subject != self.rt.names.dead(">"):
+                        await self.rt.js.purge_stream(stream, seq=below, subject=subject)
+                self._purged_below = below
+            record = {"purged_below_seq": self._purged_below, "dead_letters_purged_below_seq": self._dead_purged_below,
+                      "through_step": self._recorded_step}
+            await self.rt.kv.put(KV_EVENTS_COMPACTION, json.dumps(record).encode())
+        except Exception as error:
+            self.rt.counters["compaction_failures"] += 1
+            self.rt.log.warning("compacting the events stream failed; the next step tries again",
+                                error=f"{type(error).__name__}: {error}",
+                                compaction_failures=self.rt.counters["compaction_failures"])
+            return
+        self._step_seqs = {step: seq for step, seq in self._step_seqs.items() if seq >= self._purged_below}
+        self.rt.counters["compactions"] += 1
+        self.rt.log.info("events stream compacted", purged_below_seq=self._purged_below,
+                         dead_letters_purged_below_seq=self._dead_purged_below, through_step=self._recorded_step)
 
 
 async def run(runtime: ActorRuntime) -> None:

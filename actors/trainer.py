@@ -1,20 +1,31 @@
 """Trainer actor: streams GRPO groups into gradient accumulation and steps once per partition.
 
 Step s trains partition s. Groups of partition s are trained the moment they arrive (gradients
-accumulate); items of later partitions wait, un-acked, until their step. When all groups of the
+accumulate); items that arrived together go through the engine in one call of up to one micro-batch
+(`trainer.engine.micro_batch_size` samples), since each engine pass has a cost of its own (it reads
+every weight and writes every gradient). Items of later partitions wait, un-acked, until their step. When all groups of the
 partition are in, the optimizer steps (gradients scaled by 1 / trained samples), the new weights
 go to the store, and a StepEvent announces version s + 1. Items are acked only after that, and
 sample ids already trained are skipped, so a redelivered item is never trained twice.
 
 An item that raises (bad data, a crashing engine) is retried, and after `broker.max_deliver` tries
 dead-lettered; the scheduler then re-sends its groups with every sample failed, so the step closes
-without them. If the failure came after the engine began adding the item's gradient, the step's
+without them (a call of several items that raises is first taken apart: each trains alone). If the failure came after the engine began adding the item's gradient, the step's
 gradients are dropped and its earlier items trained again (`TrainingEngine.discard_gradients`).
 
 With `trainer.checkpoint_every`, every N-th step boundary writes `checkpoints/step-<S>` (after the
 step is announced, so the records cover it; `asyncflow/checkpoint.py`). A run resumed from one
 (`run.resume_from`) starts here at step S with the checkpoint's weights, optimizer, RNG and
 consumed ids.
+
+Weights recovery: a store that dies and comes back empty takes the weight versions it held. An
+actor that finds an announced version gone reports it on `af.<run>.weights.lost`; between items
+(never while the engine is busy) the trainer puts its current weights again, version `self.step`,
+which is ≥ the lost one and so within every item's staleness bound, and announces them on
+`af.<run>.weights` itself (`WeightsEvent.republished` = n, msg id `weights-<v>-r<n>`), since
+param-sync only announces new versions. Training is untouched. A report of an announcement older
+than the last re-put is from an actor that has not seen it yet, and is ignored, so many reports
+of one loss cost one re-put.
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ from asyncflow.errors import EngineError, StalenessError, WireError
 from asyncflow.graph import TRAINER
 from asyncflow.partitions import group_of
 from asyncflow.staleness import check_sample
-from asyncflow.wire import StepEvent, WorkItem, decode
+from asyncflow.wire import StepEvent, WeightsEvent, WeightsLostEvent, WorkItem, decode
 from flight_store.weights import put_weights
 
 
@@ -104,7 +115,11 @@ class Trainer:
         self.current = StepAccumulator()
         self.failed_items = 0  # items that raised in train_item (each retried or dead-lettered)
         self._gradient_touched = False  # a forward_backward began and has not returned
+        self._alone: set[str] = set()  # items of a merged call that raised: each now trains alone
         self._announcing: asyncio.Task[None] | None = None  # the last step's upload + StepEvent
+        self._lost_weights: list[WeightsLostEvent] = []  # reports not yet answered
+        self._reputs = 0
+        self._last_reput: tuple[int, int] | None = None  # (version, republished) of the last re-put
         self.out_dir = config.run_dir / "trainer"
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.record = (self.out_dir / "trained_samples.jsonl").open("a", buffering=1)
@@ -112,10 +127,12 @@ class Trainer:
 
     async def run(self) -> None:
         subscription = await self.rt.pull(TRAINER.name)
+        await self.rt.nc.subscribe(self.rt.names.weights_lost, cb=self._on_weights_lost)
         keepalive = asyncio.create_task(self._keep_waiting_alive())
         self.rt.state = "ready"
         try:
             while not self.rt.stop.is_set() and self.step < self.config.run.steps:
+                await self._reput_lost_weights()  # at least every fetch timeout (1 s) while waiting
                 for msg in await self.rt.fetch(subscription, batch=self.algo.prompts_per_step):
                     await self.accept(msg)
                 await self.train_ready_items()
@@ -138,34 +155,73 @@ class Trainer:
 
     async def train_ready_items(self) -> None:
         while self.waiting.get(self.step):
-            msg, item = self.waiting[self.step].pop(0)
+            await self._reput_lost_weights()
+            taken = self._take_items(self.waiting[self.step])
+            items = [item for _, item in taken]
             self.rt.state = "busy"
             started = time.time()
             try:
-                trained = await asyncio.to_thread(self.train_item, item)
+                trained = await asyncio.to_thread(self.train_items, items)
             except StalenessError:
                 raise  # an I1 violation is a framework bug, not bad data: stop the run, loudly
             except Exception as error:
-                await self._item_failed(msg, item, error)
+                if len(taken) > 1:
+                    # Which item broke the merged pass is unknown: drop what it added and train
+                    # those items one at a time, so only the bad one is retried or dead-lettered.
+                    if self._gradient_touched:
+                        await asyncio.to_thread(self._replay_step)
+                    self._alone.update(item.item_id for item in items)
+                    self.waiting[self.step][:0] = taken
+                    self.rt.state = "ready"
+                    continue
+                await self._item_failed(taken[0][0], items[0], error)
                 continue
-            self.current.messages.append(msg)
-            self.current.items.append(item)
-            await self.rt.publish_metrics(item.item_id, TRAINER.name, started, trained)
+            elapsed = time.time() - started
+            total = max(sum(len(item.sample_ids) for item in items), 1)
+            for (msg, item), samples in zip(taken, trained, strict=True):
+                self.current.messages.append(msg)
+                self.current.items.append(item)
+                self._alone.discard(item.item_id)
+                # One span per item, the call's time cut in proportion to their samples, so busy
+                # time adds up and every item keeps its own span in the timeline.
+                share = elapsed * len(item.sample_ids) / total
+                await self.rt.publish_metrics(item.item_id, TRAINER.name, started, samples, end=started + share)
+                started += share
             self.rt.state = "ready"
             if len(self.current.groups) == self.algo.prompts_per_step:
                 await self.finish_step()
 
-    def train_item(self, item: WorkItem) -> int:
-        """Accumulate the gradient of one item's groups (blocking). Returns samples trained.
+    def _take_items(self, queue: list[tuple[Msg, WorkItem]]) -> list[tuple[Msg, WorkItem]]:
+        """The next items to train in one engine call: the first waiting item, and behind it as many
+        as keep the call within one micro-batch of samples. Every engine pass reads all the weights
+        (and the backward writes every gradient), so on a CPU a pass of 8 groups costs little more
+        than a pass of 1: items that are ready together train together."""
+        taken = [queue.pop(0)]
+        budget = self.config.trainer.engine.micro_batch_size - len(taken[0][1].sample_ids)
+        if taken[0][1].item_id in self._alone:
+            return taken
+        while queue and queue[0][1].item_id not in self._alone and len(queue[0][1].sample_ids) <= budget:
+            budget -= len(queue[0][1].sample_ids)
+            taken.append(queue.pop(0))
+        return taken
 
-        The step's bookkeeping changes only once the gradient is in: an item that raises leaves
+    def train_item(self, item: WorkItem) -> int:
+        """`train_items` of one item."""
+        return self.train_items([item])[0]
+
+    def train_items(self, items: list[WorkItem]) -> list[int]:
+        """Accumulate the gradient of the items' groups in one engine call (blocking). Returns
+        samples trained per item.
+
+        The step's bookkeeping changes only once the gradient is in: a call that raises leaves
         the step as it was, except for whatever part of its gradient the engine had added."""
-        live = [sid for sid in item.sample_ids if sid not in self.consumed]
-        failed = dict(item.failed)
+        # dict.fromkeys: a sample in two of the items (an item and its re-send) is trained once.
+        live = list(dict.fromkeys(sid for item in items for sid in item.sample_ids if sid not in self.consumed))
+        failed = {sid: reason for item in items for sid, reason in item.failed.items()}
         stats: dict[str, float] = {}
         columns: dict[str, dict[int, object]] = {}
         if live:
-            columns = read_columns(self.rt.store, item.inputs, TRAINER.inputs)
+            columns = read_columns(self.rt.store, [ref for item in items for ref in item.inputs], TRAINER.inputs)
             missing = [sid for sid in live if sid not in columns["reward"] or sid not in columns["response_ids"]]
             failed.update({sid: "no reward or response reached the trainer" for sid in missing})
             live = [sid for sid in live if sid not in missing]
@@ -186,7 +242,8 @@ class Trainer:
             stats = self.engine.forward_backward(batch, self.loss_fn)
             self._gradient_touched = False
         acc = self.current
-        acc.groups.update(item.groups)
+        for item in items:
+            acc.groups.update(item.groups)
         acc.failed.update(failed)
         acc.add_stats(stats)
         for sid in live:
@@ -194,7 +251,12 @@ class Trainer:
             acc.sample_ids.append(sid)
             acc.versions.append(columns["policy_version"][sid])
             acc.rewards.append(columns["reward"][sid])
-        return len(live)
+        trained = set(live)
+        counts = []
+        for item in items:
+            counts.append(len(trained.intersection(item.sample_ids)))
+            trained.difference_update(item.sample_ids)
+        return counts
 
     async def _item_failed(self, msg: Msg, item: WorkItem, error: Exception) -> None:
         """An item raised: retry it later (nak) or, after `broker.max_deliver` tries, dead-letter it,
@@ -321,6 +383,55 @@ class Trainer:
         except Exception as error:
             self.rt.fail(error, f"announcing step {step}")
             raise
+
+    async def _on_weights_lost(self, msg: Msg) -> None:
+        try:
+            report = decode(WeightsLostEvent, msg.data, msg.subject)
+        except WireError as error:
+            self.rt.counters["bad_weights_reports"] += 1
+            self.rt.log.error("bad lost-weights report ignored", error=str(error))
+            return
+        self._lost_weights.append(report)  # answered by the main loop, between engine calls
+
+    async def _reput_lost_weights(self) -> None:
+        """Answer lost-weights reports: put the current weights (version self.step) again and announce
+        them with the next `republished` number. Runs in the main loop, so no engine call overlaps the
+        export, and the current version cannot change meanwhile."""
+        if not self._lost_weights:
+            return
+        reports, self._lost_weights = self._lost_weights, []
+        newest = max(reports, key=lambda r: r.order)
+        if self._last_reput is not None and newest.order < self._last_reput:
+            return  # the reporters have not seen the last re-put yet: it answers them
+        started = time.time()
+        if self._announcing is not None and not self._announcing.done():
+            # The current version's own upload and StepEvent first: the re-put must not overtake them.
+            await asyncio.wait([self._announcing])
+        version = self.step
+        if newest.version > version:
+            self.rt.log.error("lost-weights report of a version this trainer has not made ignored",
+                              version=newest.version, current=version, reported_by=newest.actor)
+            return
+        republished = self._reputs + 1
+        try:
+            tensors = await asyncio.to_thread(lambda: list(self.engine.export_weights()))
+            nbytes = sum(t.numel() * t.element_size() for _, t in tensors)
+            ref = await asyncio.to_thread(put_weights, self.rt.store, self.config.run.name, version, tensors)
+            del tensors
+            announcement = WeightsEvent(version=version, weights=ref, nbytes=nbytes, republished=republished)
+            await self.rt.publish(self.rt.names.weights, announcement, msg_id=f"weights-{version}-r{republished}")
+        except Exception as error:  # a store or broker still restarting: the reporters report again
+            self.rt.counters["weights_reput_failed"] += 1
+            self.rt.log.error("re-putting lost weights failed; waiting for the next report", version=version,
+                              lost_version=newest.version, error=f"{type(error).__name__}: {error}")
+            return
+        self._reputs = republished
+        self._last_reput = (version, republished)
+        self.rt.counters["weights_reput"] += 1
+        self.rt.log.warning("weights re-put after a store loss", version=version, republished=republished,
+                            lost_version=newest.version, lost_key=newest.weights.key,
+                            reported_by=sorted({r.actor for r in reports}), key=ref.key, location=ref.location,
+                            seconds=round(time.time() - started, 3))
 
     async def _keep_waiting_alive(self) -> None:
         """Held items must not be redelivered while they wait for their step."""

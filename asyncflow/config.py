@@ -248,6 +248,10 @@ class _TrainingCommon(_Strict):
 class HFTrainingSettings(_TrainingCommon):
     type: Literal["hf"] = "hf"
     """HF transformers model trained with torch (AdamW)."""
+    share_prompt_prefix: bool = True
+    """Run a prompt's forward once for all samples of a micro-batch that share it (a GRPO group)
+    and their responses on a copy of its KV cache; the same logprobs and gradients as running each
+    prompt + response alone, for a fraction of the prompt work."""
 
 
 class MegatronTrainingSettings(_TrainingCommon):

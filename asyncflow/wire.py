@@ -161,11 +161,45 @@ class StepEvent(Message):
 
 
 class WeightsEvent(Message):
-    """Policy version `version` is readable from `weights` (published by param-sync)."""
+    """Policy version `version` is readable from `weights`: published by param-sync for each new
+    version, and by the trainer again (`republished` > 0) after it re-put a version a store lost."""
 
     version: int = Field(ge=0)
     weights: ChunkRef
     nbytes: int
+    republished: int = Field(0, ge=0)
+    """0: the version's first announcement. n > 0: the trainer's n-th re-put of its weights after a
+    `WeightsLostEvent`; readers take it over an earlier announcement of the same version, whose key
+    was gone (announcements are ordered by (version, republished))."""
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Which of two announcements is newer: the greater (version, republished)."""
+        return self.version, self.republished
+
+
+class WeightsLostEvent(Message):
+    """Announced policy version `version` cannot be read: its key is gone from every store that should
+    hold it (lost with a store that died and came back empty). Published on `af.<run>.weights.lost`
+    (core NATS) by whoever finds it (a rollout instance's fetch or background prefetch), and again
+    every few seconds while it waits. The trainer answers by re-putting its current weights (version
+    ≥ `version`: the staleness bound accepts the newest) and announcing them again (`WeightsEvent`
+    with `republished` > 0); reporters retry on that announcement."""
+
+    kind: Literal["weights_lost"] = "weights_lost"
+    version: int = Field(ge=0)
+    republished: int = Field(0, ge=0)
+    """The lost announcement's `republished`: the trainer ignores a report of an announcement older
+    than its last re-put (the reporter has not seen the re-put yet)."""
+    weights: ChunkRef
+    """The ref the lost announcement named."""
+    actor: str
+    reason: str = ""
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """The lost announcement's (version, republished), comparable with `WeightsEvent.order`."""
+        return self.version, self.republished
 
 
 class DeadLetter(Message):

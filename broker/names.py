@@ -5,6 +5,7 @@
 | af.<run>.work.<stage>     | work items, stream AF_<RUN>_WORK (work-queue retention)     |
 | af.<run>.done.<stage>     | stage outputs, stream AF_<RUN>_EVENTS (replayable)          |
 | af.<run>.weights          | policy versions, stream AF_<RUN>_EVENTS                     |
+| af.<run>.weights.lost     | announced versions found gone from the stores (core NATS)   |
 | af.<run>.dead.<stage>     | dead-lettered work items, stream AF_<RUN>_EVENTS            |
 | af.<run>.lost.<stage>     | items whose input chunks a store lost, AF_<RUN>_EVENTS      |
 | af.<run>.metrics.<actor>  | busy spans (core NATS)                                      |
@@ -12,6 +13,9 @@
 | af.<run>.svc.<actor>.*    | the actor's micro service endpoints `stats`, `health`       |
 | asyncflow-<role>          | micro service name of every actor (`nats micro ls`)         |
 | AF_<RUN>                  | KV bucket: config, stores, policy version, actors, progress |
+
+AF_<RUN>_EVENTS is compacted as partitions are trained (actors/scheduler.py): it holds about the
+events of the partitions in flight, not the run's whole history.
 """
 
 from __future__ import annotations
@@ -27,7 +31,12 @@ KV_CONFIG = "config"
 KV_POLICY_VERSION = "policy_version"
 """Newest announced policy version."""
 KV_PROGRESS = "progress"
-"""Last trained step, as JSON."""
+"""Last trained step, as JSON (`{"step": S, "trained": N}`): the scheduler writes it once the step's
+partition is dropped, and before compaction purges any event of it, so it is what a restarted
+scheduler knows of the steps whose events are gone."""
+KV_EVENTS_COMPACTION = "events_compaction"
+"""Where the EVENTS stream was last compacted, as JSON (`purged_below_seq`: every event below it but
+dead letters is purged; `dead_letters_purged_below_seq`; `through_step`: the newest step recorded then)."""
 
 _RUN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -61,6 +70,12 @@ class RunNames:
     def weights(self) -> str:
         return f"{self.prefix}.weights"
 
+    @property
+    def weights_lost(self) -> str:
+        """Reports of an announced policy version gone from the stores (wire.WeightsLostEvent), to the
+        trainer, which re-puts it. Core NATS: a reporter sends again while it waits."""
+        return f"{self.prefix}.weights.lost"
+
     def metrics(self, actor: str) -> str:
         return f"{self.prefix}.metrics.{actor}"
 
@@ -75,6 +90,11 @@ class RunNames:
     @property
     def events_stream(self) -> str:
         return f"AF_{self.run.upper()}_EVENTS"
+
+    @property
+    def events_subjects(self) -> tuple[str, ...]:
+        """The subjects stream AF_<RUN>_EVENTS stores."""
+        return (self.done(">"), self.weights, self.dead(">"), self.lost(">"))
 
     @property
     def kv_bucket(self) -> str:

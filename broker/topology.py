@@ -39,7 +39,9 @@ async def ensure_topology(
     )
     events = StreamConfig(
         name=names.events_stream,
-        subjects=[f"{names.prefix}.done.>", names.weights, f"{names.prefix}.dead.>", f"{names.prefix}.lost.>"],
+        subjects=list(names.events_subjects),
+        # No limits: the scheduler compacts the stream as partitions are trained, purging only what no
+        # restart needs any more (a limit would drop the oldest events whether needed or not).
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         description=f"AsyncFlow stage outputs, weight versions, dead letters and lost inputs of run {names.run}",

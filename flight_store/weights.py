@@ -7,8 +7,10 @@ travels as a batch of its own.
 
 A version is written to `WEIGHT_REPLICAS` stores when the client has that many: the announced
 ref names the first, and `get_weights` falls back to the others when the key is gone there (a
-store that died and came back empty), so losing one store never loses a policy version. With a
-single store a lost version raises `MissingChunkError` naming it (docs/reliability.md).
+store that died and came back empty), so losing one store never loses a policy version. When every
+copy is gone (a single store) `get_weights` raises `MissingChunkError` naming the key and where it
+was looked for; the reader reports it and the trainer puts its current weights again
+(`actors/weight_prefetch.py`, `actors/trainer.py`; docs/reliability.md).
 """
 
 from __future__ import annotations

@@ -227,6 +227,62 @@ def test_micro_batches_add_up(model_path: Path, inference: HFInferenceEngine) ->
     assert stats[0]["clip_frac_tokens"] > 0 and stats[0]["samples"] == 4
 
 
+def _grouped_batch() -> TrainBatch:
+    """Groups that share prompts (different lengths, so the shared pass pads them), with an empty
+    response, a one-token response and a 2-token prompt among them, in an interleaved order."""
+    prompts = [[7, 14, 8, 17, 9], [5, 6], [8, 9, 10, 11, 12, 13, 14, 15, 16]]
+    owners = [0, 1, 0, 2, 1, 0, 2, 2, 1, 0]
+    responses = [[9, 10, 11], [12], [], [4, 5, 6, 7, 8, 9, 10], [13, 14], [15, 16, 17, 5],
+                 [2], [11, 3], [6, 8, 10, 12, 14], [16]]
+    return TrainBatch(
+        prompt_ids=[prompts[o] for o in owners],
+        response_ids=responses,
+        behaviour_logprobs=[[-2.5 + 0.2 * (j % 4) for j in range(len(r))] for r in responses],
+        advantages=[1.0, -0.5, 2.0, -1.5, 0.5, -1.0, 1.5, -2.0, 0.25, 1.0],
+    )
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_shared_prompt_prefix_matches_whole_sequences(model_path: Path, temperature: float) -> None:
+    """One prompt forward per distinct prompt (KV cache copied to its samples) gives the same
+    logprobs and gradients as running every prompt + response as its own row."""
+    batch = _grouped_batch()
+    logprobs, grads, stats = [], [], []
+    for share in (False, True):
+        trainer = HFTrainingEngine(
+            model_path, HFTrainingSettings(micro_batch_size=10, share_prompt_prefix=share, logprob_chunk_tokens=5),
+            temperature=temperature,
+        )
+        logprobs.append(trainer.compute_logprobs(batch.prompt_ids, batch.response_ids))
+        stats.append(trainer.forward_backward(batch, grpo_loss))
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters()]))
+    assert [len(row) for row in logprobs[1]] == [len(r) for r in batch.response_ids]
+    assert _max_diff(logprobs[0], logprobs[1]) < 1e-5
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    assert grads[1].abs().sum() > 0
+    for key in stats[0]:
+        assert stats[0][key] == pytest.approx(stats[1][key], rel=1e-4, abs=1e-6), key
+
+
+def test_shared_prompt_prefix_runs_one_prompt_pass(model_path: Path) -> None:
+    """The shared path feeds the decoder each distinct prompt once, not once per sample."""
+    batch = _grouped_batch()
+    rows_seen: list[int] = []
+    trainer = HFTrainingEngine(model_path, HFTrainingSettings(micro_batch_size=10))
+    hook = trainer.decoder.register_forward_pre_hook(
+        lambda _module, _args, kwargs: rows_seen.append(int(kwargs["input_ids"].numel())), with_kwargs=True
+    )
+    try:
+        trainer.forward_backward(batch, grpo_loss)
+    finally:
+        hook.remove()
+    longest_prefix = 8  # the 9-token prompt without its last token
+    longest_tail = 7  # the 7-token response: last prompt token + 6 response tokens
+    assert rows_seen == [3 * longest_prefix, 10 * longest_tail]
+    whole_rows = 10 * max(len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True))
+    assert sum(rows_seen) < whole_rows
+
+
 def test_empty_responses_train_without_nan(model_path: Path) -> None:
     trainer = HFTrainingEngine(model_path, HFTrainingSettings(micro_batch_size=2))
     batch = TrainBatch(

@@ -291,6 +291,63 @@ class HFTrainingEngine(TorchTrainingEngine):
     def _chunk_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return _token_logprobs(hidden, targets, self.lm_head, self.temperature)
 
+    def _response_hidden(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> torch.Tensor:
+        distinct = {tuple(p) for p in prompt_ids}
+        # Sharing pays when prompts repeat; a one-token prompt leaves no prefix to cache.
+        if (not self.settings.share_prompt_prefix or len(distinct) == len(prompt_ids)
+                or min(len(p) for p in prompt_ids) < 2):
+            return super()._response_hidden(prompt_ids, response_ids)
+        return self._shared_prefix_hidden(prompt_ids, response_ids)
+
+    def _shared_prefix_hidden(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> torch.Tensor:
+        """`_response_hidden` with each distinct prompt's forward run once.
+
+        Pass 1 runs every distinct prompt but its last token, left-padded (as generation does),
+        into a KV cache. The cache is then indexed out to one row per sample (a gather, so the
+        gradients of all samples of a prompt flow back into its one forward). Pass 2 runs each
+        sample's last prompt token followed by its response but the last token, at positions
+        len(prompt) - 1 onward, so the hidden state at step j predicts response[j]: the same
+        values as the whole sequence in one row, up to float rounding.
+        """
+        device = self.device
+        order: dict[tuple[int, ...], int] = {}
+        owner = [order.setdefault(tuple(p), len(order)) for p in prompt_ids]
+        prefixes = [list(p[:-1]) for p in order]
+        width = max(len(p) for p in prefixes)
+        prefix_ids = torch.full((len(prefixes), width), self.pad_id, dtype=torch.long)
+        prefix_mask = torch.zeros((len(prefixes), width), dtype=torch.long)
+        for row, prefix in enumerate(prefixes):
+            prefix_ids[row, width - len(prefix) :] = torch.tensor(prefix, dtype=torch.long)
+            prefix_mask[row, width - len(prefix) :] = 1
+        prefix_mask = prefix_mask.to(device)
+        # Positions count real tokens only, so a padded prompt sees the same RoPE phases as alone.
+        prefix_positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        self.decoder(input_ids=prefix_ids.to(device), attention_mask=prefix_mask,
+                     position_ids=prefix_positions, past_key_values=cache, use_cache=True)
+        owners = torch.tensor(owner, device=device)
+        cache.batch_select_indices(owners)
+
+        steps = max(len(r) for r in response_ids)  # last prompt token + all but the last response token
+        tail_ids = torch.full((len(prompt_ids), steps), self.pad_id, dtype=torch.long)
+        tail_mask = torch.zeros((len(prompt_ids), steps), dtype=torch.long)
+        tail_positions = torch.zeros((len(prompt_ids), steps), dtype=torch.long)
+        rows: list[int] = []
+        cols: list[int] = []
+        for row, (prompt, response) in enumerate(zip(prompt_ids, response_ids, strict=True)):
+            tail = [prompt[-1], *response[:-1]][: max(len(response), 1)]
+            tail_ids[row, : len(tail)] = torch.tensor(tail, dtype=torch.long)
+            tail_mask[row, : len(tail)] = 1
+            # Right padding after the tail is never attended to by its real tokens (causal).
+            tail_positions[row] = torch.arange(len(prompt) - 1, len(prompt) - 1 + steps)
+            rows.extend([row] * len(response))
+            cols.extend(range(len(response)))
+        attention_mask = torch.cat([prefix_mask[owners], tail_mask.to(device)], dim=1)
+        hidden = self.decoder(input_ids=tail_ids.to(device), attention_mask=attention_mask,
+                              position_ids=tail_positions.to(device), past_key_values=cache,
+                              use_cache=True).last_hidden_state
+        return hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
+
     # ----------------------------------------------------------------------------------- weights
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """HF-named tensors from `state_dict()`. CPU tensors are cloned so that a consumer

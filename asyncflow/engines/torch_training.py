@@ -1,9 +1,10 @@
 """The training loop every torch-based engine shares: micro-batches, the loss, the AdamW step.
 
 An engine subclasses `TorchTrainingEngine` and provides `self.model`, `self.optimizer`,
-`self.settings` (micro_batch_size, grad_clip), `self.device` and `_logprobs(prompt_ids,
-response_ids)`, the [B, T] token logprobs over response positions with a graph to the weights.
-`_context()` may wrap all model work (Megatron-core installs its CPU shims there). The semantics
+`self.settings` (micro_batch_size, grad_clip, logprob_chunk_tokens), `self.device`, `self.pad_id`,
+`_hidden_states` (final hidden states of padded sequences) and `_chunk_logprobs` (the output layer
+and log-softmax at the response positions); `_logprobs` turns them into the [B, T] token logprobs
+over response positions with a graph to the weights. `_context()` may wrap all model work (Megatron-core installs its CPU shims there). The semantics
 are the `TrainingEngine` contract: summed per-sample losses, gradients accumulated across calls,
 scaled once per optimizer step; the training state a checkpoint keeps is the optimizer's.
 """
@@ -48,38 +49,24 @@ class TorchTrainingEngine(TrainingEngine):
 
     def _logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> torch.Tensor:
         """[B, T] response-token logprobs (zeros past each response's end), T = longest response."""
-        batch = len(prompt_ids)
-        sequences = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
-        width = max(len(s) for s in sequences)
-        longest = max(len(r) for r in response_ids)
-        input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch, width), dtype=torch.long)
         rows: list[int] = []
         cols: list[int] = []
-        positions: list[int] = []
         targets: list[int] = []
-        for row, (prompt, response, sequence) in enumerate(
-            zip(prompt_ids, response_ids, sequences, strict=True)
-        ):
+        for row, (prompt, response) in enumerate(zip(prompt_ids, response_ids, strict=True)):
             if response and not prompt:
                 raise EngineError(
                     f"sample {row} has a response but an empty prompt; nothing predicts its first token"
                 )
-            input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-            attention_mask[row, : len(sequence)] = 1
-            for j, token in enumerate(response):
-                rows.append(row)
-                cols.append(j)
-                positions.append(len(prompt) - 1 + j)  # the position whose logits predict response[j]
-                targets.append(token)
-        out_shape = (batch, longest)
+            rows.extend([row] * len(response))
+            cols.extend(range(len(response)))
+            targets.extend(response)
+        out_shape = (len(prompt_ids), max(len(r) for r in response_ids))
         if not rows:
             return torch.zeros(out_shape, device=self.device)
 
-        hidden = self._hidden_states(input_ids.to(self.device), attention_mask.to(self.device))
+        picked = self._response_hidden(prompt_ids, response_ids)  # [N, H], sample by sample
         row_index = torch.tensor(rows, device=self.device)
         col_index = torch.tensor(cols, device=self.device)
-        picked = hidden[row_index, torch.tensor(positions, device=self.device)]  # [N, H]
         target = torch.tensor(targets, device=self.device)
         # The output layer over response positions only, a chunk at a time, so at most
         # chunk × vocab float logits live at once. Under autograd each chunk is checkpointed:
@@ -96,6 +83,31 @@ class TorchTrainingEngine(TrainingEngine):
         return torch.zeros(out_shape, dtype=flat.dtype, device=self.device).index_put(
             (row_index, col_index), flat
         )
+
+    def _response_hidden(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> torch.Tensor:
+        """Final hidden states [N, H] of the positions that predict the response tokens, sample by
+        sample and token by token (N = total response tokens). Every prompt is non-empty.
+
+        This default runs each whole prompt + response as one right-padded row; an engine may
+        override it with something cheaper that computes the same values (the HF engine shares a
+        prompt's forward between the samples of a group)."""
+        batch = len(prompt_ids)
+        sequences = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
+        width = max(len(s) for s in sequences)
+        input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch, width), dtype=torch.long)
+        rows: list[int] = []
+        positions: list[int] = []
+        for row, (prompt, response, sequence) in enumerate(
+            zip(prompt_ids, response_ids, sequences, strict=True)
+        ):
+            input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+            attention_mask[row, : len(sequence)] = 1
+            rows.extend([row] * len(response))
+            # The position whose logits predict response[j] is the one before it.
+            positions.extend(range(len(prompt) - 1, len(prompt) - 1 + len(response)))
+        hidden = self._hidden_states(input_ids.to(self.device), attention_mask.to(self.device))
+        return hidden[torch.tensor(rows, device=self.device), torch.tensor(positions, device=self.device)]
 
     def _context(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
