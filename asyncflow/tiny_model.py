@@ -73,8 +73,10 @@ def build_tiny_llama(
     num_heads: int = 4,
     intermediate_size: int = 128,
     max_position_embeddings: int = 128,
+    tie_word_embeddings: bool = False,
 ) -> Path:
-    """Write a randomly initialised `LlamaForCausalLM` and its char tokenizer to `path`.
+    """Write a randomly initialised `LlamaForCausalLM` and its char tokenizer to `path`
+    (`tie_word_embeddings`: one matrix for input and output embeddings, as SmolLM2 has).
 
     Idempotent: if `path/config.json` exists the folder is returned untouched. The folder is
     written under a temporary name and renamed into place, so concurrent callers (rollout and
@@ -92,7 +94,7 @@ def build_tiny_llama(
         num_attention_heads=num_heads,
         num_key_value_heads=num_heads,
         max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

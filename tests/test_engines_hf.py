@@ -190,6 +190,27 @@ def test_load_weights_after_training_step(model_path: Path) -> None:
     )
 
 
+def test_tied_embeddings_are_exported_once_and_loaded_tied(tmp_path: Path) -> None:
+    """A tied output embedding is sent once (as HF checkpoints store it) and a loader ties it: after a
+    step, inference on the exported weights agrees with the trainer, output layer included."""
+    path = build_tiny_llama(tmp_path / "tied", DEFAULT_CHARS, seed=3, tie_word_embeddings=True)
+    trainer = HFTrainingEngine(path, HFTrainingSettings(lr=1e-2))
+    engine = HFInferenceEngine(path, HFInferenceSettings())
+    out = engine.generate(PROMPTS, SamplingParams(max_new_tokens=4), [1, 2, 3, 4])
+    batch = TrainBatch(prompt_ids=PROMPTS, response_ids=[g.token_ids for g in out],
+                       behaviour_logprobs=[g.logprobs for g in out], advantages=[1.0, -1.0, 0.5, -0.5])
+    trainer.forward_backward(batch, grpo_loss)
+    trainer.optimizer_step(0.25)
+    exported = dict(trainer.export_weights())
+    assert "model.embed_tokens.weight" in exported and "lm_head.weight" not in exported
+    engine.load_weights(exported.items())
+    assert engine.model.lm_head.weight.data_ptr() == engine.model.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(engine.model.lm_head.weight, trainer.model.lm_head.weight)
+    again = engine.generate(PROMPTS, SamplingParams(max_new_tokens=4), [1, 2, 3, 4])
+    assert _max_diff([g.logprobs for g in again],
+                     trainer.compute_logprobs(PROMPTS, [g.token_ids for g in again])) < 1e-4
+
+
 def test_load_weights_is_strict(model_path: Path, inference: HFInferenceEngine) -> None:
     weights = dict(inference.model.state_dict())
     with pytest.raises(EngineError, match="bogus.weight"):

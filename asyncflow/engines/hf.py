@@ -244,7 +244,9 @@ class HFInferenceEngine(InferenceEngine):
                 )
             target.copy_(tensor)
             seen.add(name)
-        missing = sorted(set(targets) - seen)
+        # A name left out because it shares its storage with a loaded one (tied embeddings) is loaded.
+        loaded = {targets[name].data_ptr() for name in seen}
+        missing = sorted(name for name in set(targets) - seen if targets[name].data_ptr() not in loaded)
         if unknown or missing:
             raise EngineError(
                 f"load_weights: state dict does not match the model; unknown names {sorted(unknown)}, "
@@ -350,10 +352,18 @@ class HFTrainingEngine(TorchTrainingEngine):
 
     # ----------------------------------------------------------------------------------- weights
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """HF-named tensors from `state_dict()`. CPU tensors are cloned so that a consumer
-        holding them does not see later optimizer steps (`.cpu()` of a CPU tensor is a view)."""
+        """HF-named tensors from `state_dict()`, each storage once: a tied output embedding
+        (`lm_head.weight` = `model.embed_tokens.weight`) is left out, as in HF checkpoints, and
+        every loader ties it itself (a sixth of SmolLM2's bytes per weight sync). CPU tensors are
+        cloned so that a consumer holding them does not see later optimizer steps (`.cpu()` of a
+        CPU tensor is a view)."""
+        exported: set[tuple[int, tuple[int, ...]]] = set()
         for name, tensor in self.model.state_dict().items():
             value = tensor.detach()
+            storage = (value.data_ptr(), tuple(value.shape))
+            if storage in exported:
+                continue
+            exported.add(storage)
             yield name, value.clone() if value.device.type == "cpu" else value.cpu()
 
     def save_pretrained(self, path: Path) -> None:

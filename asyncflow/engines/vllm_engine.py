@@ -304,7 +304,11 @@ class VLLMInferenceEngine(InferenceEngine):
                 )
             seen.add(name)
             kept.append((name, tensor))
-        missing = sorted(n for n in set(self._shapes) - seen if not n.endswith(_IGNORED_SUFFIXES))
+        missing = sorted(
+            n for n in set(self._shapes) - seen
+            # A tied output embedding may be in the checkpoint; trainers send it once, as the input one.
+            if not n.endswith(_IGNORED_SUFFIXES) and not (self._tied and n == "lm_head.weight")
+        )
         if unknown or missing:
             # vLLM would skip unknown names or leave layers half-loaded; refuse before touching it.
             raise EngineError(
