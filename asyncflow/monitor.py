@@ -82,11 +82,32 @@ class MetricsWriter:
     rows: list[dict[str, Any]] = field(default_factory=list)
     busy: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     last_step_time: float = 0.0
+    last_step: int = -1
+    """The newest step with a row: a step event at or below it (a replay) adds nothing."""
+
+    def keep_existing(self) -> None:
+        """Take the rows already in `path` (a restarted `asyncflow follow`): the EVENTS stream is
+        compacted, so their step events may be gone and the file is the only record of them."""
+        if not self.path.exists():
+            return
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line from a kill mid-write
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > self.last_step:
+                self.rows.append(row)
+                self.last_step = row["step"]
+        self.path.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
 
     def add_span(self, span: MetricsEvent) -> None:
         self.busy[span.stage] += span.end - span.start
 
-    def add_step(self, event: StepEvent) -> dict[str, Any]:
+    def add_step(self, event: StepEvent) -> dict[str, Any] | None:
+        """The step's row, appended to `path`; None for a step that already has one."""
+        if event.step <= self.last_step:
+            return None
+        self.last_step = event.step
         now = time.time()
         since = now - (self.last_step_time or self.started)
         self.last_step_time = now
@@ -207,7 +228,8 @@ class _Beat:
 
 class Monitor:
     def __init__(self, config: Config, nats_url: str, processes: list[ActorProcess], started: float,
-                 services: list[ActorProcess] | None = None, on_restart: Callable[[], None] | None = None) -> None:
+                 services: list[ActorProcess] | None = None, on_restart: Callable[[], None] | None = None,
+                 keep_metrics: bool = False) -> None:
         self.config = config
         self.nats_url = nats_url
         self.processes = processes
@@ -222,6 +244,8 @@ class Monitor:
         self.record = MonitoredRows(started)
         self.record.actor_roles = {actor.name: actor.role for actor in processes}
         self.writer = MetricsWriter(config.run_dir / "metrics.jsonl", started, rows=self.record)
+        if keep_metrics:
+            self.writer.keep_existing()
         self.spans_path = self.record.spans_path = config.run_dir / "spans.jsonl"
         self.started = started
         self.finished = asyncio.Event()
@@ -302,6 +326,8 @@ class Monitor:
             self.log.error("bad step event", error=str(error))
             return
         row = self.writer.add_step(event)
+        if row is None:
+            return  # replayed (a restarted follow, a re-sent event): its row is written
         self._progress(row)
         self.sinks.write(row)
         if event.final:

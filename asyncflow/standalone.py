@@ -79,15 +79,14 @@ def follow(config: Config, nats_url: str) -> dict[str, Any]:
 
     log = get_logger(run=config.run.name, actor="follow")
     config.run_dir.mkdir(parents=True, exist_ok=True)
-    # The step events replay from the start of the EVENTS stream: rebuild metrics.jsonl from them
-    # rather than append a second copy when this process is restarted.
-    (config.run_dir / "metrics.jsonl").unlink(missing_ok=True)
     started = time.time()
     try:
         # No processes to watch: actors here are someone else's (compose restarts them). A crashed
         # one shows up through its heartbeats (presumed dead; a stage left with no live actor
         # fails the run) or as a stall naming the stage with pending work.
-        rows = asyncio.run(Monitor(config, nats_url, [], started).watch())
+        # A restarted follow keeps the rows it wrote: the compacted EVENTS stream no longer holds
+        # the step events of trained partitions, and the replayed ones it still has are skipped.
+        rows = asyncio.run(Monitor(config, nats_url, [], started, keep_metrics=True).watch())
     finally:
         # Bounded: with the broker gone there is nobody to tell, and nats-py may retry forever.
         with contextlib.suppress(TimeoutError):

@@ -42,6 +42,7 @@ from asyncflow.wire import (
     MetricsEvent,
     StepEvent,
     WeightsEvent,
+    WeightsLostEvent,
     WorkItem,
     decode,
 )
@@ -63,6 +64,7 @@ VALID: dict[type[Message], Message] = {
     Control: Control(command="stop", reason="done"),
     LostEvent: LostEvent(stage="reward", item_id="reward-p0-g1", actor="reward-0", partition=0, groups=[1],
                          sample_ids=[8, 9], lost=[REF]),
+    WeightsLostEvent: WeightsLostEvent(version=3, republished=1, weights=REF, actor="rollout-0", reason="gone"),
 }
 KINDS = list(VALID)
 SUBJECT = "af.fuzz.work.rollout"
@@ -444,6 +446,7 @@ async def _inject_garbage(nats_url: str, run: str, timeout_s: float = 120.0) -> 
             ("dead.rollout", names.dead("rollout"), VALID[DeadLetter], True),
             ("control", names.control, Control(command="stop", reason="garbage"), False),
             ("metrics", names.metrics("rollout-0"), VALID[MetricsEvent], False),
+            ("weights.lost", names.weights_lost, VALID[WeightsLostEvent], False),
         ]
         sent = {}
         for kind, subject, right, durable in targets:
@@ -489,7 +492,7 @@ def _finish_run(thread: threading.Thread, outcome: dict[str, Any], timeout_s: fl
 @pytest.mark.slow
 def test_garbage_on_every_subject_and_a_full_store_mid_run(tmp_path, tiny_model_dir, arith_dataset, nats_server):
     """Mid-run, garbage on every subject the run consumes (work, done, weights, dead letters,
-    control, metrics, a heartbeat) and a store filled to its last byte for a while. The run
+    control, metrics, lost-weights reports, a heartbeat) and a store filled to its last byte for a while. The run
     finishes with every sample trained exactly once; work garbage is dead-lettered (summary), every
     other piece is rejected and counted by each actor that reads the subject; producers that met
     the full store waited instead of failing their work."""
@@ -541,7 +544,7 @@ def test_garbage_on_every_subject_and_a_full_store_mid_run(tmp_path, tiny_model_
         "scheduler-0": ("control", "done.rollout", "done.reward", "done.trainer", "weights", "dead.rollout"),
         "param_sync-0": ("control", "done.trainer"),
         "reward-0": ("control", "work.reward"),
-        "trainer-0": ("control", "work.trainer"),
+        "trainer-0": ("control", "work.trainer", "weights.lost"),
         "rollout-0": ("control", "work.rollout", "weights"),
     }
     for actor, kinds in expected.items():

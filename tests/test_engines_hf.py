@@ -285,6 +285,25 @@ def test_shared_prompt_prefix_matches_whole_sequences(model_path: Path, temperat
         assert stats[0][key] == pytest.approx(stats[1][key], rel=1e-4, abs=1e-6), key
 
 
+def test_bfloat16_autocast_trains_close_to_float32(model_path: Path) -> None:
+    """`autocast: bfloat16` keeps float32 weights, gradients and logprobs (the output layer runs
+    outside autocast) and stays within bfloat16 rounding of the float32 trainer."""
+    batch = _grouped_batch()
+    results = {}
+    for autocast in ("none", "bfloat16"):
+        trainer = HFTrainingEngine(model_path, HFTrainingSettings(micro_batch_size=10, autocast=autocast))
+        logprobs = trainer.compute_logprobs(batch.prompt_ids, batch.response_ids)
+        trainer.forward_backward(batch, grpo_loss)
+        grads = torch.cat([p.grad.flatten() for p in trainer.model.parameters()])
+        trainer.optimizer_step(0.1)
+        results[autocast] = (logprobs, grads, trainer)
+    (lp32, g32, _), (lp16, g16, bf16_trainer) = results["none"], results["bfloat16"]
+    assert 0 < _max_diff(lp32, lp16) < 5e-2
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in bf16_trainer.model.parameters())
+    cosine = torch.nn.functional.cosine_similarity(g32, g16, dim=0)
+    assert cosine > 0.99, f"bfloat16 gradient direction off: cosine {cosine:.4f}"
+
+
 def test_shared_prompt_prefix_runs_one_prompt_pass(model_path: Path) -> None:
     """The shared path feeds the decoder each distinct prompt once, not once per sample."""
     batch = _grouped_batch()

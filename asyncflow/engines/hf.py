@@ -7,6 +7,7 @@ to float noise. That agreement is what off-policy correction rests on; the tests
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -57,8 +58,12 @@ def _as_id_set(value: int | list[int] | None) -> set[int]:
 def _token_logprobs(
     hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module, temperature: float
 ) -> torch.Tensor:
-    """log_softmax(lm_head(hidden) / T)[target] for rows of `hidden` [N, H] and `targets` [N]."""
-    logits = lm_head(hidden).float() / temperature
+    """log_softmax(lm_head(hidden) / T)[target] for rows of `hidden` [N, H] and `targets` [N].
+
+    The output layer runs outside any autocast, in the model's dtype: logits near 20 in bfloat16
+    would be off by ~0.1, far more than the logprob agreement importance ratios rest on."""
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        logits = lm_head(hidden.to(lm_head.weight.dtype)).float() / temperature
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
@@ -285,6 +290,11 @@ class HFTrainingEngine(TorchTrainingEngine):
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay
         )
+
+    def _context(self) -> contextlib.AbstractContextManager[None]:
+        if self.settings.autocast == "none":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     # ---------------------------------------------------------------------------------- logprobs
     def _hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
