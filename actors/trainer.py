@@ -54,6 +54,11 @@ from asyncflow.staleness import check_sample
 from asyncflow.wire import StepEvent, WeightsEvent, WeightsLostEvent, WorkItem, decode
 from flight_store.weights import put_weights
 
+MERGE_WAIT_S = 0.05
+"""How long an idle trainer waits for more of the step's items before it trains what it has: the
+groups of one generation call reach it a few ms apart, and one engine call for all of them costs
+far less than one per group (see `Trainer._take_items`)."""
+
 
 @dataclass
 class StepAccumulator:
@@ -135,6 +140,7 @@ class Trainer:
                 await self._reput_lost_weights()  # at least every fetch timeout (1 s) while waiting
                 for msg in await self.rt.fetch(subscription, batch=self.algo.prompts_per_step):
                     await self.accept(msg)
+                await self._gather_step_items(subscription)
                 await self.train_ready_items()
             if self._announcing is not None:
                 await self._announcing
@@ -160,6 +166,7 @@ class Trainer:
             items = [item for _, item in taken]
             self.rt.state = "busy"
             started = time.time()
+            self.rt.counters["engine_calls"] += 1
             try:
                 trained = await asyncio.to_thread(self.train_items, items)
             except StalenessError:
@@ -190,6 +197,23 @@ class Trainer:
             self.rt.state = "ready"
             if len(self.current.groups) == self.algo.prompts_per_step:
                 await self.finish_step()
+
+    async def _gather_step_items(self, subscription: object) -> None:
+        """While the current step has some items waiting, less than a micro-batch of samples and
+        groups still to come, take what arrives within `MERGE_WAIT_S` as well."""
+        micro = self.config.trainer.engine.micro_batch_size
+        while True:
+            queued = self.waiting.get(self.step, [])
+            groups_in = len(self.current.groups) + sum(len(item.groups) for _, item in queued)
+            if not queued or groups_in >= self.algo.prompts_per_step:
+                return
+            if sum(len(item.sample_ids) for _, item in queued) >= micro:
+                return
+            arrived = await self.rt.fetch(subscription, batch=self.algo.prompts_per_step, timeout_s=MERGE_WAIT_S)
+            if not arrived:
+                return
+            for msg in arrived:
+                await self.accept(msg)
 
     def _take_items(self, queue: list[tuple[Msg, WorkItem]]) -> list[tuple[Msg, WorkItem]]:
         """The next items to train in one engine call: the first waiting item, and behind it as many

@@ -199,3 +199,30 @@ def test_a_trainer_item_that_keeps_failing_is_dead_lettered_and_its_step_closes_
                for r in failed)
     spans = [json.loads(line) for line in (config.run_dir / "spans.jsonl").read_text().splitlines()]
     assert "trainer-p1-g2-r1" in {s["item_id"] for s in spans if s["stage"] == "trainer"}
+
+
+def test_the_trainer_trains_the_groups_of_one_generation_call_in_one_engine_call(
+        tmp_path, tiny_model_dir, arith_dataset):
+    """k = 0, a partition's 4 groups generated in one rollout item: their trainer items reach the
+    trainer a few ms apart and go through the engine together (micro-batch 16 = the partition), not
+    one call per group; every sample is still trained exactly once."""
+    steps, prompts, group = 4, 4, 4
+    config = make_tiny_config(
+        tmp_path, tiny_model_dir, arith_dataset, 0, "sim-merge", steps=steps, prompts=prompts, group=group,
+        rollout={"groups_per_item": prompts,
+                 "engine": {"type": "simulated", "slots": 16, "per_token_s": 0.001, "mean_tokens": 4}},
+        trainer={"save_final": False, "engine": {"type": "simulated", "per_token_s": 0.0001,
+                                                 "micro_batch_size": prompts * group}},
+        sampling={"max_new_tokens": 8},
+        reward={"function": "asyncflow.engines.simulated:simulated_reward"},
+    )
+    summary = run(config)
+    assert summary["steps"] == steps and summary["failed_samples"] == 0
+    trained = sorted(r["sample_id"] for r in read_records(config.run_dir))
+    assert trained == list(range(steps * prompts * group))
+    stopped = [json.loads(line) for line in (config.run_dir / "logs" / "trainer-0.jsonl").read_text().splitlines()
+               if '"actor stopped"' in line]
+    calls = stopped[-1]["counters"]["engine_calls"]
+    # One call per step when every group is in before the trainer starts; a group that arrives
+    # late costs a second call (without waiting for the others, steps took 3 calls each here).
+    assert steps <= calls < 2 * steps, calls
