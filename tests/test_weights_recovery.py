@@ -31,26 +31,13 @@ from asyncflow.wire import ChunkRef, WeightsEvent, WeightsLostEvent, decode
 from flight_store import StoreClient
 from flight_store.weights import drop_weights, put_weights
 from tests.conftest import make_tiny_config
+from tests.test_crash_recovery import _process, _steps_done
 
 STEPS, PROMPTS, GROUP, K = 8, 4, 4, 1
 _REF = ChunkRef(column="weights", key="r/weights/3/0", location="grpc://127.0.0.1:1", sample_ids=[])
 
 
 # -- live: a single store SIGKILLed mid-run ---------------------------------------------------------
-
-
-def _steps_done(run_dir: Path) -> int:
-    try:
-        return len((run_dir / "metrics.jsonl").read_text().splitlines())
-    except OSError:
-        return 0
-
-
-def _pid(run_dir: Path, name: str) -> int:
-    for entry in json.loads((run_dir / "services.json").read_text()):
-        if entry["actor"] == name:
-            return int(entry["pid"])
-    raise LookupError(name)
 
 
 def _log(run_dir: Path, actor: str) -> list[dict]:
@@ -96,7 +83,7 @@ def test_a_single_store_killed_mid_run_loses_no_sample_to_lost_weights(tmp_path,
                 return
             time.sleep(0.01)
         try:
-            pid = _pid(config.run_dir, "store-0")
+            pid = int(_process(config.run_dir, "store-0")["pid"])
             os.kill(pid, signal.SIGKILL)
         except (LookupError, OSError, ValueError) as error:
             killed["error"] = f"could not kill store-0: {error!r}"
