@@ -24,7 +24,7 @@ from asyncflow.errors import WireError
 from asyncflow.graph import TRAINER
 from asyncflow.wire import StepEvent, WeightsEvent, decode
 from broker.names import KV_POLICY_VERSION
-from flight_store.weights import drop_weights
+from flight_store.keys import weights_prefix
 
 KEEP_VERSIONS = 2
 
@@ -86,7 +86,10 @@ class ParamSync:
         self.rt.policy_version = version
         self.rt.log.info("policy version announced", version=version, nbytes=event.weights_nbytes)
         while self.dropped_below <= version - KEEP_VERSIONS:
-            await asyncio.to_thread(drop_weights, self.rt.store, self.rt.config.run.name, self.dropped_below)
+            # flight_store.weights.drop_weights, without importing that module: it needs torch (~2 s
+            # at start-up, on the cores the rollout and trainer engines start on), dropping does not.
+            prefix = weights_prefix(self.rt.config.run.name, self.dropped_below)
+            await asyncio.to_thread(self.rt.store.drop_prefix, prefix)
             self.dropped_below += 1
 
 

@@ -15,9 +15,9 @@ import time
 from typing import Any
 
 import pyarrow as pa
-from transformers import AutoTokenizer
 
 from actors.runtime import ActorRuntime, read_columns
+from actors.tokenizer import response_decoder
 from asyncflow.graph import REWARD
 from asyncflow.hooks import load_callable
 from asyncflow.partitions import group_of
@@ -31,7 +31,9 @@ class Reward:
         self.config = runtime.config
         self.function = load_callable(self.config.reward.function, "reward.function")
         self.caller = RewardCaller(self.function, self.config.reward.function, self.config.reward.timeout_s)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.config.model.path))
+        # Responses are only decoded here: the `tokenizers` package does that as transformers does,
+        # without importing torch and transformers where the model folder allows it.
+        self.decode = response_decoder(self.config.model.path)
         self.failed_total = 0
 
     async def run(self) -> None:
@@ -48,7 +50,7 @@ class Reward:
         failed: dict[int, str] = {}
         for sid in item.sample_ids:
             meta = json.loads(columns["meta"][sid])
-            response = self.tokenizer.decode(columns["response_ids"][sid], skip_special_tokens=True)
+            response = self.decode(columns["response_ids"][sid])
             try:
                 rewards[sid] = await self.score(meta, response)
             except RewardFailure as failure:
@@ -85,4 +87,7 @@ class Reward:
 
 
 async def run(runtime: ActorRuntime) -> None:
-    await Reward(runtime).run()
+    # Loading the reward function imports the user's module, which may take seconds (one that
+    # imports torch): off the event loop, so the actor's heartbeats and NATS pings go on meanwhile.
+    reward = await asyncio.to_thread(Reward, runtime)
+    await reward.run()

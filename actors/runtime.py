@@ -44,6 +44,7 @@ from asyncflow.wire import (
     decode,
 )
 from broker import RunNames, connect, ensure_topology
+from broker.connection import ORDERED_HEARTBEAT_S
 from broker.names import KV_STORES
 from flight_store import StoreClient
 
@@ -260,7 +261,7 @@ class ActorRuntime:
         """Replay-then-follow `subject` on the EVENTS stream (ordered consumer: in order, gap-free)."""
         await self.js.subscribe(
             subject, stream=self.names.events_stream, ordered_consumer=True, deliver_policy=deliver_policy,
-            cb=handler, manual_ack=True,
+            cb=handler, manual_ack=True, idle_heartbeat=ORDERED_HEARTBEAT_S,
         )
 
     # -- the work loop ----------------------------------------------------------------------
@@ -269,8 +270,27 @@ class ActorRuntime:
         return await self.js.pull_subscribe_bind(RunNames.consumer(stage), stream=self.names.work_stream)
 
     async def fetch(self, subscription: Any, batch: int = 1, timeout_s: float = 1.0) -> list[Msg]:
+        """Up to `batch` messages of a pull subscription, [] after `timeout_s` without any, and []
+        at once when stop is set: an idle work loop would otherwise notice a stop only when its
+        fetch expires, up to `timeout_s` later, and the whole run's shutdown waits for the slowest.
+        A fetch cut short by stop may leave a pull request open at the server: a message it still
+        delivers is never acked here, so JetStream redelivers it after ack_wait (at-least-once, as
+        for any actor that exits)."""
+        if self.stop.is_set():
+            return []
+        fetching = asyncio.ensure_future(subscription.fetch(batch, timeout=timeout_s))
+        stopping = asyncio.ensure_future(self.stop.wait())
         try:
-            return await subscription.fetch(batch, timeout=timeout_s)
+            await asyncio.wait((fetching, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when this task is cancelled: neither waiter may outlive it
+            stopping.cancel()
+            if not fetching.done():
+                fetching.cancel()
+                await asyncio.wait((fetching,))  # its clean-up done; raises nothing of its own
+        if fetching.cancelled():
+            return []
+        try:
+            return fetching.result()  # messages that arrived as stop was set are still handled
         except TimeoutError:  # nats.errors.TimeoutError or asyncio's, depending on where it expired
             return []
 

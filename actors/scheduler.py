@@ -31,8 +31,9 @@ Compaction keeps the EVENTS stream bounded (`_compact`): once a trained step is 
 prefix of the stream goes (a purge below sequence S): S is the first sequence of the oldest event a
 restart may still need: every event of a partition not yet recorded, the step events a restart or
 param-sync has yet to learn from, the newest step events and weights announcements, the newest
-RECENT_EVENTS_KEPT events (dead letters: DEAD_LETTERS_KEPT more). So what stays is about the
-in-flight window, however long the run.
+RECENT_EVENTS_KEPT events and those of the last `broker.events_keep_s` (a margin for readers that
+lag), dead letters: DEAD_LETTERS_KEPT more. So what stays is about the in-flight window and the
+last minute, however long the run.
 """
 
 from __future__ import annotations
@@ -49,13 +50,14 @@ from typing import Any
 import pyarrow as pa
 from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError
-from transformers import AutoTokenizer
 
 from actors.runtime import ActorRuntime
+from actors.tokenizer import load_tokenizer
 from asyncflow.checkpoint import initial_policy
 from asyncflow.dataset import load_data, tokenize_prompt
 from asyncflow.errors import BrokerError, WireError
 from asyncflow.graph import GRPO_GRAPH, PROMPT, ROLLOUT, TRAINER, Stage
+from asyncflow.id_runs import IdRuns
 from asyncflow.partitions import group_sample_ids, pack_by_budget, prompt_index
 from asyncflow.staleness import admissible_partitions, min_version
 from asyncflow.wire import (
@@ -123,13 +125,15 @@ class Scheduler:
         self.config = config
         self.algo = config.algorithm
         self.rows = load_data(config.data)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(config.model.path))
+        self.tokenizer = load_tokenizer(config.model.path)  # AutoTokenizer's, without torch where it can
         # The version every engine loads from disk: 0, or N for a run resumed from checkpoint step-N,
         # whose partitions below N are trained already.
         _, start = initial_policy(config)
         self.latest_version = start
         self.next_partition = start  # admission goes in order: every partition below this one is admitted
-        self.trained: set[int] = set(range(start))
+        # Partitions trained: dense from 0 (steps finish in order), so as runs this is one [0, W) run
+        # plus the odd partition past it, however long the run (`in` and `len` as on a set).
+        self.trained = IdRuns(range(start))
         # partition -> group -> state, for partitions admitted and not yet trained.
         self.partitions: dict[int, dict[int, GroupState]] = {}
         # phase_barrier: partition -> groups whose trainer inputs are all ready.
@@ -154,6 +158,7 @@ class Scheduler:
         self._step_seqs: dict[int, int] = {}  # step -> sequence of its step event, for those not yet purged
         self._weights_seqs: deque[int] = deque(maxlen=ANNOUNCEMENTS_KEPT)
         self._dead_seqs: deque[int] = deque(maxlen=DEAD_LETTERS_KEPT)
+        self._recent = RecentSequences()  # compaction keeps events handled within broker.events_keep_s
         self._purged_below = 1  # every event below this sequence but dead letters is purged
         self._dead_purged_below = 1  # every event below this sequence is purged
 
@@ -415,6 +420,8 @@ class Scheduler:
         kind = msg.subject.removeprefix(self.rt.names.prefix + ".")
         seq = msg.metadata.sequence.stream if msg.metadata is not None else 0
         self._last_seq = max(self._last_seq, seq)
+        if seq:
+            self._recent.note(seq, time.monotonic())
         try:
             # Each handled event's sequence is noted first: compaction keeps what a restart needs.
             # (A JetStream message always has one; 0, none, would pin compaction.)
@@ -621,11 +628,15 @@ class Scheduler:
         (a restart rebuilds its groups from them), the step events of steps not yet recorded (a
         restart learns them from there) or not yet announced (param-sync announces from them),
         the newest ANNOUNCEMENTS_KEPT step events and weights announcements, the newest
-        RECENT_EVENTS_KEPT events, and (D) the newest DEAD_LETTERS_KEPT dead letters."""
+        RECENT_EVENTS_KEPT events and those handled within broker.events_keep_s, and (D) the
+        newest DEAD_LETTERS_KEPT dead letters."""
         recorded = self._recorded_step
         newest_steps = sorted(self._step_seqs)[-ANNOUNCEMENTS_KEPT:]
         unannounced = self.latest_version  # step s makes version s + 1
         bounds = [self._last_seq + 1 - RECENT_EVENTS_KEPT, *self._weights_seqs]
+        keep_s = self.config.broker.events_keep_s
+        if keep_s > 0:
+            bounds.append(self._recent.first_since(time.monotonic() - keep_s, self._last_seq + 1))
         bounds += [seq for partition, seq in self._first_seq.items() if partition > recorded]
         bounds += [seq for step, seq in self._step_seqs.items()
                    if step > recorded or step >= unannounced or step in newest_steps]
@@ -669,6 +680,28 @@ class Scheduler:
         self.rt.counters["compactions"] += 1
         self.rt.log.info("events stream compacted", purged_below_seq=self._purged_below,
                          dead_letters_purged_below_seq=self._dead_purged_below, through_step=self._recorded_step)
+
+
+class RecentSequences:
+    """When the scheduler handled which stream sequences, to a second: marks (time, first sequence
+    handled from then on), at most one per `resolution_s`, so it stays small however fast events come."""
+
+    def __init__(self, resolution_s: float = 1.0) -> None:
+        self.resolution_s = resolution_s
+        self._marks: deque[tuple[float, int]] = deque()
+
+    def note(self, seq: int, now: float) -> None:
+        if not self._marks or now - self._marks[-1][0] >= self.resolution_s:
+            self._marks.append((now, seq))
+
+    def first_since(self, horizon: float, default: int) -> int:
+        """The first sequence that may have been handled at or after `horizon` (up to
+        `resolution_s` early); `default` when every noted one was handled before it. Marks wholly
+        before the horizon are forgotten."""
+        marks = self._marks
+        while marks and (marks[1][0] if len(marks) > 1 else marks[0][0] + self.resolution_s) <= horizon:
+            marks.popleft()  # every sequence from this mark to the next was handled before the horizon
+        return marks[0][1] if marks else default
 
 
 async def run(runtime: ActorRuntime) -> None:

@@ -49,6 +49,7 @@ from asyncflow.engines import TrainBatch, make_local_training_engine, make_train
 from asyncflow.engines.base import TrainingEngine, accumulate_stats
 from asyncflow.errors import EngineError, StalenessError, WireError
 from asyncflow.graph import TRAINER
+from asyncflow.id_runs import IdRuns
 from asyncflow.partitions import group_of
 from asyncflow.staleness import check_sample
 from asyncflow.wire import StepEvent, WeightsEvent, WeightsLostEvent, WorkItem, decode
@@ -106,7 +107,10 @@ class Trainer:
             correction=self.algo.off_policy_correction, weight_cap=self.algo.importance_weight_cap,
         )
         self.step = 0
-        self.consumed: set[int] = set()
+        # Every sample id trained in this run (de-duplicates redeliveries and re-sends; a checkpoint
+        # stores it). Kept as [start, end) runs: ids are dense, so it grows with failed samples
+        # (gaps), not with the run's length.
+        self.consumed = IdRuns()
         if resume is not None:
             state = resume.load_state()
             self.engine.load_training_state(state["training"])
@@ -346,6 +350,10 @@ class Trainer:
         tensors = await asyncio.to_thread(lambda: list(self.engine.export_weights()))
         if final and self.config.trainer.save_final:
             await asyncio.to_thread(self.engine.save_pretrained, self.config.run_dir / "final")
+        # Items of this partition still waiting are copies of groups it has trained (redeliveries):
+        # acked with the step's own, and the partition's entry goes, so `waiting` holds only the
+        # partitions ahead, not one empty list per step of the run.
+        acc.messages.extend(msg for msg, _ in self.waiting.pop(step, []))
         previous = self._announcing
         self._announcing = asyncio.create_task(self._announce_step(step, acc, grad, tensors, final, previous))
         self.step = step + 1
@@ -363,7 +371,7 @@ class Trainer:
         started = time.time()
         if self._announcing is not None:
             await self._announcing
-        done = await asyncio.to_thread(write_checkpoint, self.config, self.step, self.engine, set(self.consumed))
+        done = await asyncio.to_thread(write_checkpoint, self.config, self.step, self.engine, self.consumed.copy())
         self.rt.log.info("checkpoint written", step=self.step, path=str(done.path),
                          consumed_samples=len(self.consumed), seconds=round(time.time() - started, 3))
 

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 
@@ -83,7 +85,7 @@ class WeightPrefetcher:
     def _start_fetch(self, event: WeightsEvent) -> asyncio.Task[dict[str, torch.Tensor]]:
         task = self._fetches.get(event.order)
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
-            task = asyncio.create_task(asyncio.to_thread(get_weights, self.store, event.weights),
+            task = asyncio.create_task(_in_daemon_thread(get_weights, self.store, event.weights),
                                        name=f"prefetch-v{event.version}-r{event.republished}")
             self._fetches[event.order] = task
             task.add_done_callback(lambda done: self._fetched(done, event))
@@ -190,3 +192,33 @@ class WeightPrefetcher:
         for task in [*self._fetches.values(), *self._reporting]:
             task.cancel()
         self._fetches.clear()
+
+
+T = TypeVar("T")
+
+
+async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in a daemon thread of its own. A download only reads, so one still running when
+    the actor stops can be abandoned: in the default executor (`asyncio.to_thread`) the process's
+    exit would wait for it (seconds for a real model) after the run is over."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():  # cancelled meanwhile: nobody wants the result
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def target() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as raised:  # handed to the awaiting task, as to_thread would
+            result, error = None, raised
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the actor has stopped
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=target, name=f"download-{getattr(fn, '__name__', 'call')}", daemon=True).start()
+    return await future

@@ -9,7 +9,8 @@ N − 1 (N steps done, so its weights are policy version N and partition N train
                        and step counts), "rng": torch / numpy / python RNG states}; plain tensors,
                        lists and numbers only, so it loads with `torch.load(weights_only=True)`
     checkpoint.json    step, policy_version, next_partition, consumed sample ids (as [start, end)
-                       runs), run name and seed, when it was written
+                       runs, `asyncflow.id_runs`) and their count, run name and seed, when it was
+                       written
 
 It is written under `checkpoints/.tmp-step-<N>-<pid>/`, fsynced and renamed into place, and
 `checkpoint.json` is written last: a kill at any moment leaves either no `step-<N>` or a complete
@@ -28,6 +29,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +38,7 @@ import numpy as np
 
 from asyncflow.config import Config
 from asyncflow.errors import AsyncFlowError
+from asyncflow.id_runs import IdRuns
 
 if TYPE_CHECKING:
     from asyncflow.engines.base import TrainingEngine
@@ -75,8 +78,9 @@ class Checkpoint:
     meta: dict[str, Any]
 
     @property
-    def consumed_sample_ids(self) -> set[int]:
-        return {sid for start, end in self.meta["consumed_sample_ids"] for sid in range(start, end)}
+    def consumed_sample_ids(self) -> IdRuns:
+        """The sample ids trained by then, as the runs they are stored as (never one int per id)."""
+        return IdRuns.from_runs(self.meta["consumed_sample_ids"])
 
     def load_state(self) -> dict[str, Any]:
         """trainer_state.pt: {"format", "training", "rng"}."""
@@ -170,17 +174,6 @@ def restore_rng(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def _runs(ids: set[int]) -> list[list[int]]:
-    """Sorted ids as [start, end) runs: consumed ids are dense, so this stays small."""
-    runs: list[list[int]] = []
-    for sid in sorted(ids):
-        if runs and runs[-1][1] == sid:
-            runs[-1][1] = sid + 1
-        else:
-            runs.append([sid, sid + 1])
-    return runs
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -189,10 +182,14 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def write_checkpoint(config: Config, step: int, engine: TrainingEngine, consumed: set[int]) -> Checkpoint:
+def write_checkpoint(config: Config, step: int, engine: TrainingEngine, consumed: AbstractSet[int]) -> Checkpoint:
     """Write `checkpoints/step-<step>` atomically (blocking) and delete checkpoints past
-    `trainer.keep_checkpoints`, never the one this run resumed from. `step` = optimizer steps done."""
+    `trainer.keep_checkpoints`, never the one this run resumed from. `step` = optimizer steps done;
+    `consumed` = the sample ids trained so far (an `IdRuns`, or any set of ints)."""
     import torch
+
+    # Stored as [start, end) runs: consumed ids are dense, so there are about as many as failed samples.
+    runs = consumed if isinstance(consumed, IdRuns) else IdRuns(sorted(consumed))
 
     root = checkpoints_dir(config.run_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -209,7 +206,7 @@ def write_checkpoint(config: Config, step: int, engine: TrainingEngine, consumed
         meta = {
             "format": FORMAT, "step": step, "policy_version": step, "next_partition": step,
             "run": config.run.name, "seed": config.run.seed, "steps": config.run.steps,
-            "consumed_sample_ids": _runs(consumed), "consumed_samples": len(consumed), "written_at": time.time(),
+            "consumed_sample_ids": runs.runs(), "consumed_samples": len(runs), "written_at": time.time(),
         }
         (tmp / META_FILE).write_text(json.dumps(meta) + "\n")  # last: its presence marks completeness
         for path in tmp.rglob("*"):

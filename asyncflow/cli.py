@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "actor":
             from asyncflow.actor_process import run_actor_process
 
-            return run_actor_process(args.role, args.config, args.nats, args.instance, tls_ca=args.tls_ca)
+            return run_actor_process(args.role, args.config, args.nats, args.instance, tls_ca=args.tls_ca,
+                                     exit_when_stopped=True)
         if args.command == "store":
             from flight_store.server import serve
 

@@ -383,6 +383,12 @@ class BrokerSettings(_Strict):
     hold an actor's event loop for many seconds before its heartbeats resume."""
     request_timeout_s: float = Field(10.0, gt=0)
     """Timeout of every single broker request."""
+    events_keep_s: float = Field(60.0, ge=0)
+    """The scheduler compacts the EVENTS stream as partitions are trained, but never purges an
+    event it handled less than this many seconds ago, so a reader that falls behind for a while
+    (the launcher's monitor while its consumer recovers from a broker restart, `asyncflow follow`)
+    misses no step event. The stream then holds about this long's events on top of the in-flight
+    partitions'; 0 keeps only what compaction needs."""
 
 
 class StoreSettings(_Strict):

@@ -88,12 +88,12 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
+    # transformers reads the variables above when it is imported; one imported already is told
+    # directly. Importing it here only for that would cost every process ~1 s of CPU at start.
+    if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 def setup_logging(json_path: Path | None = None, console: bool = True, console_level: str = "info") -> None:

@@ -7,6 +7,7 @@ without rewards) and non-numbers are left out.
 
 - TensorBoard (`run.tensorboard`, on by default): event files in `<run_dir>/tensorboard/`, written
   with `torch.utils.tensorboard.SummaryWriter` and flushed every step, so a failed run keeps them.
+  A resumed run purges the killed part's events from its checkpoint's step on, so no step shows twice.
 - Weights & Biases (`wandb.enabled`, off by default): `wandb` is not a dependency; `check_sinks`
   raises ConfigError when it is enabled but not importable, before the run starts anything.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from asyncflow.checkpoint import read_checkpoint
 from asyncflow.config import Config
 from asyncflow.errors import ConfigError
 from asyncflow.logs import get_logger
@@ -49,6 +51,13 @@ def check_sinks(config: Config) -> None:
                           "or set wandb.enabled: false (metrics still go to metrics.jsonl and TensorBoard)")
 
 
+def resumed_step(config: Config) -> int | None:
+    """The step a resumed run starts at (its checkpoint's), None for a run from the start."""
+    if config.run.resume_from is None:
+        return None
+    return read_checkpoint(config.run.resume_from).step
+
+
 class MetricsSinks:
     """TensorBoard and wandb writers of one run; a context manager that closes (flushes) them."""
 
@@ -62,7 +71,10 @@ class MetricsSinks:
             # Imported here: torch's import costs seconds, and a run with TensorBoard off never pays it.
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(log_dir=str(self.tensorboard_dir), flush_secs=30)
+            # A resumed run writes the steps from its checkpoint on again: purge_step tells TensorBoard
+            # to drop what the killed part wrote at those steps, so each step shows once.
+            self.tensorboard = SummaryWriter(log_dir=str(self.tensorboard_dir), flush_secs=30,
+                                             purge_step=resumed_step(config))
         if config.wandb.enabled:
             wandb = importlib.import_module("wandb")
             settings = config.wandb

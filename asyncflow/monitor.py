@@ -39,6 +39,7 @@ from asyncflow.progress import make_progress
 from asyncflow.report import iter_spans, utilisation
 from asyncflow.wire import DeadLetter, Heartbeat, LostEvent, MetricsEvent, StepEvent, decode
 from broker import RunNames, connect
+from broker.connection import ORDERED_HEARTBEAT_S
 
 ACTOR_ROLES = ("scheduler", "param_sync", "reward", "trainer", "rollout")
 """Every role a run needs at least one live actor of."""
@@ -263,11 +264,11 @@ class Monitor:
                 js = nc.jetstream(timeout=self.config.broker.request_timeout_s)
                 await nc.subscribe(f"{self.names.prefix}.metrics.>", cb=self._on_metrics)
                 await js.subscribe(self.names.done("trainer"), stream=self.names.events_stream,
-                                   ordered_consumer=True, cb=self._on_step, manual_ack=True)
+                                   ordered_consumer=True, idle_heartbeat=ORDERED_HEARTBEAT_S, cb=self._on_step, manual_ack=True)
                 await js.subscribe(f"{self.names.prefix}.dead.>", stream=self.names.events_stream,
-                                   ordered_consumer=True, cb=self._on_dead, manual_ack=True)
+                                   ordered_consumer=True, idle_heartbeat=ORDERED_HEARTBEAT_S, cb=self._on_dead, manual_ack=True)
                 await js.subscribe(f"{self.names.prefix}.lost.>", stream=self.names.events_stream,
-                                   ordered_consumer=True, cb=self._on_lost, manual_ack=True)
+                                   ordered_consumer=True, idle_heartbeat=ORDERED_HEARTBEAT_S, cb=self._on_lost, manual_ack=True)
                 await self._wait(js)
                 self._sample_memory()
                 # Spans travel on core NATS (no replay): a round trip to the server and a short

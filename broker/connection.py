@@ -37,6 +37,11 @@ def _unreachable(error: Exception) -> bool:
 
 # A server that accepts the connection and then drops it during the handshake this many times in a
 # row is refusing us (it closes after "-ERR 'Authorization Violation'", often before we read it).
+ORDERED_HEARTBEAT_S = 1.0
+"""Idle heartbeat of the ordered consumers that follow the EVENTS stream. nats-py recreates one that
+has missed two (after a broker restart its server-side consumer may be gone), so this bounds how long
+a follower sits deaf after the broker comes back: ~2-4 s here, 10-20 s with nats-py's default of 5 s,
+long enough for compaction to purge events it has not read yet."""
 _MAX_HANDSHAKE_DROPS = 3
 
 

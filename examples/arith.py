@@ -13,8 +13,6 @@ import json
 import random
 from pathlib import Path
 
-from asyncflow.tiny_model import build_tiny_llama
-
 CHARS = "0123456789+="
 MAX_OPERAND = 4  # sums stay single digits
 
@@ -30,6 +28,10 @@ def write_dataset(path: Path, seed: int = 0) -> Path:
 
 
 def build_tiny_model(path: Path, seed: int = 0) -> Path:
+    # Imported here: it loads torch and transformers, which the reward actor (it imports this
+    # module for `reward`) does not otherwise need.
+    from asyncflow.tiny_model import build_tiny_llama
+
     # 2 heads of size 32: vLLM's CPU attention needs head sizes of at least 32.
     return build_tiny_llama(path, CHARS, seed=seed, num_heads=2)
 

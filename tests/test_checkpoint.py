@@ -49,6 +49,8 @@ from asyncflow.config import (
 from asyncflow.engines import TrainBatch, make_inference_engine, make_local_training_engine
 from asyncflow.engines.hf import HFTrainingEngine
 from asyncflow.engines.simulated import SimulatedTrainingEngine
+from asyncflow.id_runs import IdRuns
+from asyncflow.metrics_sinks import TENSORBOARD_DIR
 from tests.conftest import make_tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,6 +147,10 @@ def killed_and_resumed(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir:
         records.write('{"step": 1, "sample_id": 12')
     with (run_dir / "metrics.jsonl").open("a") as metrics:
         metrics.write(json.dumps({"step": start, "samples": PROMPTS * GROUP}) + "\n")
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR)) as writer:  # ... and its TensorBoard scalar
+        writer.add_scalar("reward_mean", 123.0, global_step=start)
 
     result = subprocess.run(_asyncflow("run", "--resume", str(run_dir)), cwd=ROOT, capture_output=True,
                             text=True, timeout=400)
@@ -182,6 +188,14 @@ def test_killed_run_resumes_to_the_configured_steps_and_trains_every_sample_exac
 
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     assert [row["step"] for row in metrics] == list(range(STEPS)), "metrics.jsonl must continue, not restart"
+    # TensorBoard shows each step once, the resumed part's value where both parts wrote one.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / TENSORBOARD_DIR), size_guidance={"scalars": 0})
+    events.Reload()
+    written = [(e.step, e.value) for e in events.Scalars("reward_mean")]
+    assert [step for step, _ in written] == list(range(STEPS)), "a step shows twice (or not at all) in TensorBoard"
+    assert dict(written) == pytest.approx({row["step"]: row["reward_mean"] for row in metrics}, rel=1e-6, abs=1e-6)
 
     # The resumed scheduler (its log continues the killed one's) admitted from partition `start` on,
     # each once; none of the partitions the checkpoint covers.
@@ -335,6 +349,22 @@ def test_simulated_engine_checkpoint_is_a_folder_rollout_can_start_from(tmp_path
     # config.json and the tokenizer come from model.path: rollout engines start from the folder.
     make_inference_engine(SimulatedInferenceSettings(), checkpoint.path)
     assert checkpoint.meta["consumed_sample_ids"] == [[0, 48]]
+
+
+def test_consumed_ids_round_trip_as_runs_without_one_int_per_id(tmp_path, tiny_model_dir, arith_dataset):
+    """The trainer's `IdRuns` goes to checkpoint.json as runs and comes back as runs: a run of 10⁹
+    samples (failed ones make the gaps) is three runs on disk and in memory, never a set of ints."""
+    config = _config(tmp_path, tiny_model_dir, arith_dataset)
+    consumed = IdRuns(range(10**9))
+    consumed.difference_update([5, 700_000_000])
+    checkpoint = write_checkpoint(config, 2, SimulatedTrainingEngine(SimulatedTrainingSettings(weights_bytes=64)),
+                                  consumed=consumed)
+    meta = json.loads((checkpoint.path / "checkpoint.json").read_text())
+    assert meta["consumed_sample_ids"] == [[0, 5], [6, 700_000_000], [700_000_001, 10**9]]
+    assert meta["consumed_samples"] == 10**9 - 2
+    restored = read_checkpoint(checkpoint.path).consumed_sample_ids
+    assert isinstance(restored, IdRuns) and restored.runs() == consumed.runs() and len(restored) == 10**9 - 2
+    assert 5 not in restored and 6 in restored and 700_000_000 not in restored
 
 
 # ---------------------------------------------------------------------- atomicity and rotation

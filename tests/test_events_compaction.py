@@ -30,7 +30,7 @@ import nats
 import pytest
 from nats.js.errors import KeyNotFoundError
 
-from actors.scheduler import ANNOUNCEMENTS_KEPT, RECENT_EVENTS_KEPT
+from actors.scheduler import ANNOUNCEMENTS_KEPT, RECENT_EVENTS_KEPT, RecentSequences
 from actors.trainer import read_records
 from asyncflow.launcher import run
 from broker import RunNames
@@ -52,7 +52,9 @@ def _config(tmp_path: Path, model: Path, dataset: Path, nats_url: str | None, na
     return make_tiny_config(
         tmp_path, model, dataset, K, name, steps=steps, prompts=PROMPTS, group=GROUP,
         run={"stall_timeout_s": 90, "timeout_s": 400, "missing_stage_timeout_s": 60},
-        broker={"heartbeat_s": 0.5, "heartbeat_timeout_s": 5, **({"url": nats_url} if nats_url else {})},
+        # events_keep_s 0: compaction keeps only what it needs, which is what these tests bound.
+        broker={"heartbeat_s": 0.5, "heartbeat_timeout_s": 5, "events_keep_s": 0,
+                **({"url": nats_url} if nats_url else {})},
         rollout={"instances": 2, "concurrent_items": 2,
                  "engine": {"type": "simulated", "slots": 8, "per_token_s": 0.005, "mean_tokens": 6}},
         trainer={"save_final": False, "engine": {"type": "simulated", "per_token_s": 0.0005}},
@@ -193,6 +195,22 @@ def _log(run_dir: Path, actor: str) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "logs" / f"{actor}.jsonl").read_text().splitlines() if line]
 
 
+def test_recent_sequences_give_the_first_event_handled_within_the_window():
+    """What `broker.events_keep_s` keeps: from the first event that may have been handled after the
+    horizon (marks are a second apart, so up to a second early), nothing when all are older."""
+    recent = RecentSequences(resolution_s=1.0)
+    for seq, now in ((1, 100.0), (2, 100.5), (3, 101.0), (4, 101.2), (5, 103.0), (6, 110.0)):
+        recent.note(seq, now)  # marks: (100, 1), (101, 3), (103, 5), (110, 6)
+    assert recent.first_since(99.0, default=7) == 1
+    assert recent.first_since(100.9, default=7) == 1  # seq 2 (100.5) is within a mark's second of it
+    assert recent.first_since(101.0, default=7) == 3
+    assert recent.first_since(104.0, default=7) == 5  # 5 at 103 may be followed by more until 110
+    assert recent.first_since(110.5, default=7) == 6
+    assert recent.first_since(111.0, default=7) == 7, "every event handled before the horizon"
+    recent.note(8, 200.0)
+    assert recent.first_since(150.0, default=9) == 8
+
+
 def test_compaction_keeps_what_a_restart_needs_and_a_restarted_scheduler_rebuilds_from_kv(
         tmp_path, tiny_model_dir, arith_dataset, nats_server, flight_store_server):
     """In-process, against a real broker and Flight store: the scheduler follows a scripted EVENTS
@@ -206,7 +224,8 @@ def test_compaction_keeps_what_a_restart_needs_and_a_restarted_scheduler_rebuild
 
     name, steps = "compact-unit", 40
     config = make_tiny_config(tmp_path, tiny_model_dir, arith_dataset, 1, name, steps=steps, prompts=2, group=2,
-                              broker={"url": nats_server.url}, store={"locations": [flight_store_server.location]})
+                              broker={"url": nats_server.url, "events_keep_s": 0},
+                              store={"locations": [flight_store_server.location]})
     names = RunNames(name)
     ref = ChunkRef(column="weights", key=f"{name}/weights/0/0", location=flight_store_server.location, sample_ids=[])
 
