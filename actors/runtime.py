@@ -86,7 +86,8 @@ class ActorRuntime:
         self.js = self.nc.jetstream(timeout=self.timeout_s)
         # Idempotent: an actor started by hand against a bare broker sets up what it needs.
         broker = self.config.broker
-        await ensure_topology(self.js, self.names, ack_wait_s=broker.ack_wait_s, max_deliver=broker.max_deliver)
+        await ensure_topology(self.js, self.names, ack_wait_s=broker.ack_wait_s, max_deliver=broker.max_deliver,
+                              replicas=broker.replicas)
         self.kv: KeyValue = await self.js.key_value(self.names.kv_bucket)
         locations = await self._store_locations()
         # A full store makes producers wait for room (the trainer frees it) rather than fail their

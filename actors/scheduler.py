@@ -42,7 +42,7 @@ import asyncio
 import gc
 import json
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -158,6 +158,10 @@ class Scheduler:
         self._step_seqs: dict[int, int] = {}  # step -> sequence of its step event, for those not yet purged
         self._weights_seqs: deque[int] = deque(maxlen=ANNOUNCEMENTS_KEPT)
         self._dead_seqs: deque[int] = deque(maxlen=DEAD_LETTERS_KEPT)
+        # Dead letters still in the stream (sequence, stage), and how many per stage compaction has
+        # purged so far (KV events_compaction): `asyncflow status` counts them all from the two.
+        self._dead_in_stream: deque[tuple[int, str]] = deque()
+        self._dead_letters_purged: Counter[str] = Counter()
         self._recent = RecentSequences()  # compaction keeps events handled within broker.events_keep_s
         self._purged_below = 1  # every event below this sequence but dead letters is purged
         self._dead_purged_below = 1  # every event below this sequence is purged
@@ -234,6 +238,10 @@ class Scheduler:
         version = await self._kv_json(KV_POLICY_VERSION)
         if isinstance(version, int) and version > self.latest_version:
             self.latest_version = version
+        compaction = await self._kv_json(KV_EVENTS_COMPACTION)
+        purged = compaction.get("dead_letters_purged") if isinstance(compaction, dict) else None
+        if isinstance(purged, dict):  # go on counting what a previous scheduler purged
+            self._dead_letters_purged.update({str(k): v for k, v in purged.items() if isinstance(v, int)})
         return step
 
     async def _kv_json(self, key: str) -> Any:
@@ -442,6 +450,7 @@ class Scheduler:
             elif kind.startswith("dead."):
                 if seq:
                     self._dead_seqs.append(seq)  # kept even when unreadable: a record of what failed
+                    self._dead_in_stream.append((seq, kind.removeprefix("dead.")))
                 letter = decode(DeadLetter, msg.data, msg.subject)
                 if letter.partition is not None:
                     self._note_event(letter.partition, seq)
@@ -661,6 +670,8 @@ class Scheduler:
             if dead_below > self._dead_purged_below:
                 await self.rt.js.purge_stream(stream, seq=dead_below)
                 self._dead_purged_below = dead_below
+                while self._dead_in_stream and self._dead_in_stream[0][0] < dead_below:
+                    self._dead_letters_purged[self._dead_in_stream.popleft()[1]] += 1
                 self._purged_below = max(self._purged_below, dead_below)
             if below > self._purged_below:
                 for subject in self.rt.names.events_subjects:
@@ -668,7 +679,7 @@ class Scheduler:
                         await self.rt.js.purge_stream(stream, seq=below, subject=subject)
                 self._purged_below = below
             record = {"purged_below_seq": self._purged_below, "dead_letters_purged_below_seq": self._dead_purged_below,
-                      "through_step": self._recorded_step}
+                      "through_step": self._recorded_step, "dead_letters_purged": dict(self._dead_letters_purged)}
             await self.rt.kv.put(KV_EVENTS_COMPACTION, json.dumps(record).encode())
         except Exception as error:
             self.rt.counters["compaction_failures"] += 1

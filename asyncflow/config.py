@@ -383,6 +383,17 @@ class BrokerSettings(_Strict):
     hold an actor's event loop for many seconds before its heartbeats resume."""
     request_timeout_s: float = Field(10.0, gt=0)
     """Timeout of every single broker request."""
+
+    @model_validator(mode="after")
+    def _replicas_need_a_cluster(self) -> BrokerSettings:
+        if self.replicas > 1 and self.url is None:
+            raise ValueError(f"replicas {self.replicas} needs a NATS cluster of at least that many JetStream "
+                             "servers (broker.url); the embedded nats-server is one server: use replicas 1")
+        return self
+    replicas: int = Field(1, ge=1, le=5)
+    """Replicas of the run's JetStream streams and KV bucket. 1 keeps each on one server; on a NATS
+    cluster (`broker.url`, docs/deploy.md) 3 keeps the run going when one node is lost. More than 1
+    needs at least that many JetStream servers, so not the embedded one."""
     events_keep_s: float = Field(60.0, ge=0)
     """The scheduler compacts the EVENTS stream as partitions are trained, but never purges an
     event it handled less than this many seconds ago, so a reader that falls behind for a while

@@ -236,7 +236,8 @@ async def set_up_run(config: Config, nats_url: str, stores: list[str]) -> None:
         await delete_topology(js, names)  # a run name reused on a shared broker starts from nothing
         with StoreClient(stores, **store_client_options(config.security)) as store:
             store.drop_prefix(f"{names.run}/")
-        await ensure_topology(js, names, ack_wait_s=config.broker.ack_wait_s, max_deliver=config.broker.max_deliver)
+        await ensure_topology(js, names, ack_wait_s=config.broker.ack_wait_s, max_deliver=config.broker.max_deliver,
+                              replicas=config.broker.replicas)
         kv = await js.key_value(names.kv_bucket)
         await kv.put(KV_STORES, json.dumps(stores).encode())
         await kv.put(KV_CONFIG, config.model_dump_json().encode())

@@ -60,7 +60,8 @@ async def _set_up_keeping_state(config: Config, nats_url: str) -> None:
     try:
         js = nc.jetstream(timeout=config.broker.request_timeout_s)
         names = RunNames(config.run.name)
-        await ensure_topology(js, names, ack_wait_s=config.broker.ack_wait_s, max_deliver=config.broker.max_deliver)
+        await ensure_topology(js, names, ack_wait_s=config.broker.ack_wait_s, max_deliver=config.broker.max_deliver,
+                              replicas=config.broker.replicas)
         kv = await js.key_value(names.kv_bucket)
         await kv.put(KV_STORES, json.dumps(list(config.store.locations)).encode())
         await kv.put(KV_CONFIG, config.model_dump_json().encode())

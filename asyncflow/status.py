@@ -10,7 +10,8 @@ reaches the broker, for a run started anywhere:
 - queue depth per stage: the durable consumers on the WORK stream (queued, in progress, redelivered,
   waiting pull requests = idle instances);
 - step, reward and samples/s: the trainer's StepEvents on the EVENTS stream (`af.<run>.done.trainer`),
-  timed by JetStream's own message timestamps; dead letters per stage from the stream's subject counts.
+  timed by JetStream's own message timestamps; dead letters per stage from the stream's subject counts
+  plus those compaction purged (KV `events_compaction`).
 
 `collect_status` returns a JSON-ready dict (what `--json` prints); `format_status` renders it.
 """
@@ -21,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -39,7 +41,7 @@ from asyncflow.security import nats_connect_options
 from asyncflow.security import redact_url as redact_one_url
 from asyncflow.wire import Heartbeat, decode
 from broker import RunNames
-from broker.names import KV_CONFIG, KV_POLICY_VERSION, KV_PROGRESS
+from broker.names import KV_CONFIG, KV_EVENTS_COMPACTION, KV_POLICY_VERSION, KV_PROGRESS
 
 ACTOR_KEY_PREFIX = "actors."
 
@@ -209,7 +211,7 @@ async def collect_status(nats_url: str, run: str, *, window_s: float = 60.0, tim
             "progress": await kv_json(kv, KV_PROGRESS),
             "actors": actors,
             "queues": await _queues(js, names),
-            "dead_letters": await _dead_letters(js, names),
+            "dead_letters": await _dead_letters(js, names, await kv_json(kv, KV_EVENTS_COMPACTION)),
             "problems": problems,
         }
         status.update(await _training(js, names, now, window_s, timeout_s))
@@ -278,13 +280,19 @@ async def _queues(js: JetStreamContext, names: RunNames) -> dict[str, dict[str, 
     return dict(sorted(queues.items()))
 
 
-async def _dead_letters(js: JetStreamContext, names: RunNames) -> dict[str, int]:
+async def _dead_letters(js: JetStreamContext, names: RunNames, compaction: Any) -> dict[str, int]:
+    """Dead letters per stage: those in the EVENTS stream (the newest DEAD_LETTERS_KEPT at least)
+    plus those compaction purged, which the scheduler counts in KV `events_compaction`."""
+    counts: Counter[str] = Counter()
+    purged = compaction.get("dead_letters_purged") if isinstance(compaction, dict) else None
+    if isinstance(purged, dict):
+        counts.update({str(stage): n for stage, n in purged.items() if isinstance(n, int)})
     try:
         info = await js.stream_info(names.events_stream, subjects_filter=f"{names.prefix}.dead.>")
     except NotFoundError:
-        return {}
-    subjects = info.state.subjects or {}
-    return {subject.rsplit(".", 1)[-1]: count for subject, count in sorted(subjects.items())}
+        return dict(sorted(counts.items()))
+    counts.update({subject.rsplit(".", 1)[-1]: n for subject, n in (info.state.subjects or {}).items()})
+    return dict(sorted(counts.items()))
 
 
 async def _training(js: JetStreamContext, names: RunNames, now: float, window_s: float,

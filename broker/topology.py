@@ -29,12 +29,16 @@ async def ensure_topology(
     stages: tuple[str, ...] = WORK_STAGES,
     ack_wait_s: float = 300.0,
     max_deliver: int = 5,
+    replicas: int = 1,
 ) -> None:
+    """`replicas`: copies of each stream and of the KV bucket on a cluster (consumers follow their
+    stream's); an existing stream is updated to it where the server allows."""
     work = StreamConfig(
         name=names.work_stream,
         subjects=[f"{names.prefix}.work.>"],
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
+        num_replicas=replicas,
         description=f"AsyncFlow work items of run {names.run}",
     )
     events = StreamConfig(
@@ -44,6 +48,7 @@ async def ensure_topology(
         # restart needs any more (a limit would drop the oldest events whether needed or not).
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
+        num_replicas=replicas,
         description=f"AsyncFlow stage outputs, weight versions, dead letters and lost inputs of run {names.run}",
     )
     for config in (work, events):
@@ -65,7 +70,7 @@ async def ensure_topology(
         )
         await js.add_consumer(names.work_stream, config=consumer)
     await js.create_key_value(
-        KeyValueConfig(bucket=names.kv_bucket, history=1, storage=StorageType.FILE,
+        KeyValueConfig(bucket=names.kv_bucket, history=1, storage=StorageType.FILE, replicas=replicas,
                        description=f"AsyncFlow run state of {names.run}")
     )
 

@@ -82,6 +82,9 @@ def test_config_error_names_the_field_path():
         parse_config(_minimal(rollout={"engine": {"type": "nope"}}))
     with pytest.raises(ConfigError, match=r"run\.name"):
         parse_config(_minimal(run={"name": "bad name!"}))
+    with pytest.raises(ConfigError, match=r"broker.*replicas 3 needs a NATS cluster"):
+        parse_config(_minimal(broker={"replicas": 3}))  # the embedded broker is one server
+    assert parse_config(_minimal(broker={"replicas": 3, "url": "nats://nats-1:4222"})).broker.replicas == 3
 
 
 def test_load_config_file_errors(tmp_path: Path):

@@ -401,8 +401,55 @@ def test_nats_cluster_configs_form_a_jetstream_cluster(tmp_path):
         urls = [f"nats://127.0.0.1:{client[n.stem]}" for n in nodes]
         assert asyncio.run(asyncio.wait_for(_topology_across_nodes(urls, connect, ensure_topology, RunNames),
                                             timeout=90)) == b"seen from node 3"
+        # broker.replicas 3: every stream and the KV bucket on all three nodes, so losing the node
+        # that leads them loses nothing (R1, as above, would wait for that node to come back).
+        leader = asyncio.run(asyncio.wait_for(_replicated_topology(urls, connect, ensure_topology, RunNames),
+                                              timeout=90))
+        killed = [n.stem for n in nodes].index(leader)
+        processes[killed].kill()
+        processes[killed].wait(timeout=10)
+        alive = [url for i, url in enumerate(urls) if i != killed]
+        assert asyncio.run(asyncio.wait_for(_read_after_node_loss(alive, connect, RunNames),
+                                            timeout=90)) == (b"written before the loss", 1)
     finally:
         stop_processes(processes, grace_s=0)
+
+
+async def _replicated_topology(urls, connect, ensure_topology, RunNames) -> str:  # type: ignore[no-untyped-def]
+    """Create run `replicated` with 3 replicas through node 1; returns the server name of the node
+    leading its KV bucket's stream."""
+    names = RunNames("replicated")
+    nc = await connect(urls[0], "test-replicas")
+    try:
+        js = nc.jetstream(timeout=5)
+        await ensure_topology(js, names, replicas=3)
+        for stream in (names.work_stream, names.events_stream, f"KV_{names.kv_bucket}"):
+            info = await js.stream_info(stream)
+            assert info.config.num_replicas == 3, (stream, info.config.num_replicas)
+            assert info.cluster is not None and len(info.cluster.replicas or []) == 2, (stream, info.cluster)
+        await (await js.key_value(names.kv_bucket)).put("probe", b"written before the loss")
+        await js.publish(names.work("rollout"), b"{}")
+        return (await js.stream_info(f"KV_{names.kv_bucket}")).cluster.leader
+    finally:
+        await nc.close()
+
+
+async def _read_after_node_loss(urls, connect, RunNames) -> tuple[bytes, int]:  # type: ignore[no-untyped-def]
+    """Through a surviving node, once the other two have elected a new leader: the KV value and the
+    work item written before the loss."""
+    names = RunNames("replicated")
+    nc = await connect(urls[0], "test-after-loss")
+    try:
+        js = nc.jetstream(timeout=5)
+        while True:  # no answer until a new leader is elected
+            try:
+                value = (await (await js.key_value(names.kv_bucket)).get("probe")).value
+                messages = (await js.stream_info(names.work_stream)).state.messages
+                return value, messages
+            except Exception:
+                await asyncio.sleep(0.5)
+    finally:
+        await nc.close()
 
 
 async def _topology_across_nodes(urls, connect, ensure_topology, RunNames) -> bytes:  # type: ignore[no-untyped-def]

@@ -30,9 +30,10 @@ import nats
 import pytest
 from nats.js.errors import KeyNotFoundError
 
-from actors.scheduler import ANNOUNCEMENTS_KEPT, RECENT_EVENTS_KEPT, RecentSequences
+from actors.scheduler import ANNOUNCEMENTS_KEPT, DEAD_LETTERS_KEPT, RECENT_EVENTS_KEPT, RecentSequences
 from actors.trainer import read_records
 from asyncflow.launcher import run
+from asyncflow.status import _dead_letters
 from broker import RunNames
 from broker.names import KV_EVENTS_COMPACTION, KV_PROGRESS
 from tests.conftest import make_tiny_config
@@ -325,7 +326,8 @@ def test_compaction_keeps_what_a_restart_needs_and_a_restarted_scheduler_rebuild
     assert messages == RECENT_EVENTS_KEPT + 1, "the newest events, and the dead letter"
     assert result["kept_dead"] == RunNames(name).dead("reward")
     assert result["record"] == {"purged_below_seq": last_seq + 1 - RECENT_EVENTS_KEPT,
-                                "dead_letters_purged_below_seq": result["seqs"]["dead"], "through_step": 30}
+                                "dead_letters_purged_below_seq": result["seqs"]["dead"], "through_step": 30,
+                                "dead_letters_purged": {}}
     assert result["progress"] == {"step": 30, "trained": 31}
     restarted = result["restarted"]
     assert restarted["recorded"] == 30 and set(range(31)) <= restarted["trained"]
@@ -439,3 +441,54 @@ def test_a_broker_killed_after_compaction_comes_back_compacted_and_the_run_finis
     assert max(messages for messages, _, _, _ in watch.samples) <= BOUND
     lines = _log(config.run_dir, "scheduler-0")
     assert [line for line in lines if line["event"] == "events stream compacted"][-1]["through_step"] >= steps - 3
+
+
+def test_dead_letters_past_those_kept_are_purged_and_still_counted(
+        tmp_path, tiny_model_dir, arith_dataset, nats_server, flight_store_server):
+    """In-process: DEAD_LETTERS_KEPT + 1 dead letters; compaction purges the oldest and counts it in
+    KV `events_compaction`, which `asyncflow status` adds to those in the stream and a restarted
+    scheduler goes on from."""
+    from actors.runtime import ActorRuntime
+    from actors.scheduler import Scheduler
+    from asyncflow.wire import DeadLetter
+
+    name = "compact-dead"
+    config = make_tiny_config(tmp_path, tiny_model_dir, arith_dataset, 1, name, steps=4, prompts=2, group=2,
+                              broker={"url": nats_server.url, "events_keep_s": 0},
+                              store={"locations": [flight_store_server.location]})
+    names = RunNames(name)
+    # No partition (garbage on a work subject): such letters concern no group, so nothing else pins them.
+    letter = DeadLetter(stage="reward", subject=names.work("reward"), deliveries=1, reason="garbage", payload="x")
+
+    async def scenario() -> tuple[dict, dict, dict, int]:
+        nc = await nats.connect(nats_server.url, connect_timeout=5)
+        js = nc.jetstream(timeout=10)
+        try:
+            async with ActorRuntime("scheduler", config, nats_server.url) as runtime:
+                first = Scheduler(runtime)
+                await first._replay_then_follow()
+                last = 0
+                for _ in range(DEAD_LETTERS_KEPT + 1):
+                    last = (await js.publish(names.dead("reward"), letter.encode())).seq
+                deadline = time.monotonic() + 30
+                while first._last_seq < last:
+                    assert time.monotonic() < deadline, "the dead letters were not handled"
+                    await asyncio.sleep(0.02)
+                await first._compact()
+                kv = await js.key_value(names.kv_bucket)
+                record = json.loads((await kv.get(KV_EVENTS_COMPACTION)).value or b"null")
+                counts = await _dead_letters(js, names, record)
+                in_stream = (await js.stream_info(names.events_stream)).state.messages
+                async with ActorRuntime("scheduler", config, nats_server.url, instance=1) as runtime2:
+                    second = Scheduler(runtime2)
+                    await second._replay_then_follow()
+                    restored = dict(second._dead_letters_purged)
+            return record, counts, restored, in_stream
+        finally:
+            await nc.close()
+
+    record, counts, restored, in_stream = asyncio.run(scenario())
+    assert in_stream == DEAD_LETTERS_KEPT, "the newest dead letters stay"
+    assert record["dead_letters_purged"] == {"reward": 1}
+    assert counts == {"reward": DEAD_LETTERS_KEPT + 1}, "status counts every dead letter, purged ones too"
+    assert restored == {"reward": 1}, "a restarted scheduler goes on counting"

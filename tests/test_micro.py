@@ -138,8 +138,8 @@ async def _micro_facts(nats_url: str, name: str, expected_actors: set[str]) -> d
 
         async def on_msg(msg: Any) -> None:
             seen.append(msg)
-            if len({m.subject.split(".")[2] for m in seen}) >= 3:
-                got_some.set()
+            if {"work", "done", "metrics"} <= {m.subject.split(".")[2] for m in seen}:
+                got_some.set()  # the kinds every live run sends (weights may come first, or not at all)
 
         sub = await nc.subscribe(f"af.{name}.>", cb=on_msg)
         await asyncio.wait_for(got_some.wait(), timeout=60)
@@ -209,7 +209,7 @@ def test_a_live_run_shows_its_actors_as_micro_services_and_its_state_in_jetstrea
 
     # nats sub 'af.>': JSON messages on work, done and metrics subjects (at least).
     kinds = {m.subject.split(".")[2] for m in facts["sub"]}
-    assert {"work", "done", "metrics"} <= kinds | {"weights"}, kinds
+    assert {"work", "done", "metrics"} <= kinds, kinds
     assert all(isinstance(json.loads(m.data), dict) for m in facts["sub"])
 
 
