@@ -157,9 +157,9 @@ class Scheduler:
         self._first_seq: dict[int, int] = {}  # partition above _recorded_step -> sequence of its first event
         self._step_seqs: dict[int, int] = {}  # step -> sequence of its step event, for those not yet purged
         self._weights_seqs: deque[int] = deque(maxlen=ANNOUNCEMENTS_KEPT)
-        self._dead_seqs: deque[int] = deque(maxlen=DEAD_LETTERS_KEPT)
-        # Dead letters still in the stream (sequence, stage), and how many per stage compaction has
-        # purged so far (KV events_compaction): `asyncflow status` counts them all from the two.
+        # Dead letters still in the stream (sequence, stage), oldest first: compaction keeps the newest
+        # DEAD_LETTERS_KEPT; and how many per stage it has purged so far (KV events_compaction):
+        # `asyncflow status` counts them all from the two.
         self._dead_in_stream: deque[tuple[int, str]] = deque()
         self._dead_letters_purged: Counter[str] = Counter()
         self._recent = RecentSequences()  # compaction keeps events handled within broker.events_keep_s
@@ -449,7 +449,7 @@ class Scheduler:
                 await self.on_weights(weights)
             elif kind.startswith("dead."):
                 if seq:
-                    self._dead_seqs.append(seq)  # kept even when unreadable: a record of what failed
+                    # Kept even when unreadable: a record of what failed.
                     self._dead_in_stream.append((seq, kind.removeprefix("dead.")))
                 letter = decode(DeadLetter, msg.data, msg.subject)
                 if letter.partition is not None:
@@ -650,7 +650,9 @@ class Scheduler:
         bounds += [seq for step, seq in self._step_seqs.items()
                    if step > recorded or step >= unannounced or step in newest_steps]
         below = min(bounds)
-        return below, min([below, *self._dead_seqs])
+        dead = self._dead_in_stream  # ascending: the first of the newest DEAD_LETTERS_KEPT is the oldest kept
+        oldest_kept = dead[max(0, len(dead) - DEAD_LETTERS_KEPT)][0] if dead else below
+        return below, min(below, oldest_kept)
 
     async def _compact(self) -> None:
         """Purge the EVENTS stream below the compaction point (`_compaction_point`). Runs in the
